@@ -1,9 +1,10 @@
-"""Keras callbacks that record training: TensorBoard histograms and MLflow metrics.
+"""Keras callbacks that record training: TensorBoard summaries and MLflow metrics.
 
-TensorBoard gets what the tutorial logged: a histogram of every layer's weights,
-biases and activations, and sample input images. MLflow gets the per-epoch train and
-validation metrics and, every `train.log_every_n_steps`, the running train metrics,
-buffered and written once per epoch so that tracking costs almost nothing.
+TensorBoard gets what the tutorial logged: train and validation accuracy, a histogram
+of every layer's weights, biases and activations, and sample input images. MLflow gets
+the per-epoch train and validation metrics and, every `train.log_every_n_steps`, the
+running train metrics, buffered and written once per epoch so that tracking costs
+almost nothing.
 """
 
 from __future__ import annotations
@@ -17,41 +18,85 @@ import tensorflow as tf
 from pipeline import tracking
 
 
-class LayerHistograms(keras.callbacks.Callback):
-    """Histograms of each layer's weights, biases and activations on a fixed batch."""
+class TensorBoardSummaries(keras.callbacks.Callback):
+    """Everything the tutorial sent to TensorBoard, in one `train` and one `validation` run.
 
-    def __init__(self, log_dir: Path, probe_images: np.ndarray, every_n_epochs: int = 1):
+    Scalars: `epoch_loss` and `epoch_accuracy` of both runs (so TensorBoard overlays
+    them), the learning rate, and the running `batch_loss` and `batch_accuracy` every
+    n steps. Histograms of each layer's weights, biases and activations on a fixed batch
+    of validation images, sample inputs, and the op graph of the forward pass.
+
+    Keras's own TensorBoard callback is not used: with `update_freq=n` it leaves a
+    record-if-step-divides-n condition in force at the end of an epoch, which silently
+    drops the epoch summaries whenever n does not divide the steps per epoch.
+    """
+
+    def __init__(
+        self,
+        log_dir: Path,
+        probe_images: np.ndarray,
+        every_n_steps: int,
+        histogram_every_n_epochs: int = 1,
+    ):
         super().__init__()
-        self.writer = tf.summary.create_file_writer(str(log_dir / "train"))
+        self.train_writer = tf.summary.create_file_writer(str(log_dir / "train"))
+        self.val_writer = tf.summary.create_file_writer(str(log_dir / "validation"))
         self.probe_images = probe_images.astype(np.float32)
-        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.histogram_every_n_epochs = histogram_every_n_epochs
+        self.step = 0
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        layers = [layer for layer in self.model.layers if layer.weights]
-        self.layers = layers
-        self.probe = keras.Model(self.model.input, [layer.output for layer in layers])
-        with self.writer.as_default():
+        self.layers = [layer for layer in self.model.layers if layer.weights]
+        self.probe = keras.Model(self.model.input, [layer.output for layer in self.layers])
+        with self.train_writer.as_default():
             samples = self.probe_images[:9, :, :, None].astype(np.uint8)
             tf.summary.image("input/samples", samples, step=0, max_outputs=9)
-        self._write(step=0)
+        self._write_graph()
+        self._write_histograms(step=0)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.step += 1
+        if logs and self.step % self.every_n_steps == 0:
+            with self.train_writer.as_default():
+                tf.summary.scalar("batch_loss", float(logs["loss"]), step=self.step)
+                tf.summary.scalar("batch_accuracy", float(logs["accuracy"]), step=self.step)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if (epoch + 1) % self.every_n_epochs == 0:
-            self._write(step=epoch + 1)
+        logs = logs or {}
+        for writer, prefix in ((self.train_writer, ""), (self.val_writer, "val_")):
+            with writer.as_default():
+                for name in ("loss", "accuracy"):
+                    if prefix + name in logs:
+                        tf.summary.scalar(f"epoch_{name}", logs[prefix + name], step=epoch)
+        with self.train_writer.as_default():
+            rate = self.model.optimizer.learning_rate
+            tf.summary.scalar("epoch_learning_rate", float(rate), step=epoch)
+        if (epoch + 1) % self.histogram_every_n_epochs == 0:
+            self._write_histograms(step=epoch + 1)
+        self.train_writer.flush()
+        self.val_writer.flush()
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        self.writer.close()
+        self.train_writer.close()
+        self.val_writer.close()
 
-    def _write(self, step: int) -> None:
+    def _write_graph(self) -> None:
+        forward = tf.function(lambda images: self.model(images, training=False))
+        tf.summary.trace_on(graph=True)
+        forward(self.probe_images[:1])
+        with self.train_writer.as_default():
+            tf.summary.trace_export("model", step=0)
+
+    def _write_histograms(self, step: int) -> None:
         # training=False: activations as the model predicts, without dropout's noise.
         activations = self.probe(self.probe_images, training=False)
-        with self.writer.as_default():
+        with self.train_writer.as_default():
             for layer, activation in zip(self.layers, activations, strict=True):
                 kernel, bias = layer.weights[0], layer.weights[1]
                 tf.summary.histogram(f"{layer.name}/weights", kernel, step=step)
                 tf.summary.histogram(f"{layer.name}/biases", bias, step=step)
                 tf.summary.histogram(f"{layer.name}/activations", activation, step=step)
-        self.writer.flush()
 
 
 class MlflowMetrics(keras.callbacks.Callback):
@@ -77,10 +122,11 @@ class MlflowMetrics(keras.callbacks.Callback):
             ("accuracy", "train/accuracy"),
             ("val_loss", "val/loss"),
             ("val_accuracy", "val/accuracy"),
-            ("learning_rate", "train/learning_rate"),
         ):
             if key in logs:
                 self.pending.append((name, float(logs[key]), epoch + 1))
+        rate = float(self.model.optimizer.learning_rate)
+        self.pending.append(("train/learning_rate", rate, epoch + 1))
         tracking.log_metric_points(self.run_id, self.pending)
         self.pending = []
 

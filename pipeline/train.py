@@ -49,16 +49,15 @@ def seed_everything(seed: int) -> None:
 def callbacks(
     cfg: PipelineConfig, run_id: str, log_dir: Path, probe_images: np.ndarray
 ) -> list[keras.callbacks.Callback]:
-    """TensorBoard scalars and graph, layer histograms, MLflow metrics, NaN guard."""
+    """The NaN guard, TensorBoard summaries and MLflow metrics."""
     return [
         summaries.StopOnNaN(),
-        keras.callbacks.TensorBoard(
-            str(log_dir),
-            histogram_freq=0,
-            write_graph=True,
-            update_freq=cfg.train.log_every_n_steps,
+        summaries.TensorBoardSummaries(
+            log_dir,
+            probe_images,
+            cfg.train.log_every_n_steps,
+            cfg.train.histogram_every_n_epochs,
         ),
-        summaries.LayerHistograms(log_dir, probe_images, cfg.train.histogram_every_n_epochs),
         summaries.MlflowMetrics(run_id, cfg.train.log_every_n_steps),
     ]
 

@@ -1,0 +1,53 @@
+"""The train and evaluate stages in-process: determinism and a diverging run."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from conftest import make_config
+
+from pipeline import download, evaluate, preprocess, tracking, train
+from pipeline.model import MODEL_FILE
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory):
+    """Download and preprocess the slice once for every test here."""
+    root = tmp_path_factory.mktemp("prepared")
+    cfg = make_config(root)
+    download.run(cfg)
+    preprocess.run(cfg)
+    return root
+
+
+def test_same_config_and_data_give_identical_test_metrics(prepared):
+    cfg = make_config(prepared)
+
+    results = []
+    for _ in range(2):
+        val_accuracy = train.run(cfg)
+        results.append((val_accuracy, evaluate.run(cfg)))
+
+    assert results[0][0] == results[1][0]
+    assert results[0][1] == results[1][1]
+    assert 0.5 < results[0][1]["test"]["accuracy"] < 1.0
+
+
+def test_diverging_run_fails_and_keeps_the_earlier_model(prepared):
+    cfg = make_config(prepared, "optimizer.lr=1e12", "optimizer.schedule=constant")
+    models_dir = cfg.path(cfg.paths.models_dir)
+    train.run(make_config(prepared))  # an earlier, healthy model
+    earlier_model = (models_dir / MODEL_FILE).read_bytes()
+    earlier_run_id = tracking.load_run_id(models_dir)
+
+    with pytest.raises(train.TrainingDiverged, match=r"NaN or infinite .* optimizer\.lr"):
+        train.run(cfg)
+
+    assert (models_dir / MODEL_FILE).read_bytes() == earlier_model
+    assert tracking.load_run_id(models_dir) == earlier_run_id
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    latest = client.search_runs(
+        [tracking.connect(cfg)], order_by=["attributes.start_time DESC"], max_results=1
+    )[0]
+    assert latest.info.status == "FAILED"
+    assert latest.info.run_id != earlier_run_id
