@@ -282,7 +282,11 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
         with initialize_config_dir(str(CONF_DIR), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=overrides or [])
     except (HydraException, OmegaConfBaseException) as error:
-        raise ConfigError(" ".join(str(error).split())) from None
+        # Hydra's message says which override failed, its cause says why.
+        reasons = [str(error).splitlines()[0]]
+        if error.__cause__ is not None:
+            reasons.append(str(error.__cause__).splitlines()[0])
+        raise ConfigError(": ".join(reasons)) from None
     OmegaConf.resolve(cfg)
     return cfg
 

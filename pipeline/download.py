@@ -71,7 +71,8 @@ def sources(cfg: PipelineConfig) -> list[Source]:
 def _read_url(url: str, timeout_s: float, name: str) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
-            expected = response.length
+            # file:// responses have no length; HTTP ones have it unless chunked.
+            expected = getattr(response, "length", None)
             chunks = []
             with tqdm(
                 total=expected, desc=name, unit="B", unit_scale=True, leave=False, disable=None
@@ -87,6 +88,8 @@ def _read_url(url: str, timeout_s: float, name: str) -> bytes:
     except urllib.error.URLError as error:
         if isinstance(error.reason, FileNotFoundError):
             raise _Permanent("file not found") from None
+        if str(error.reason).startswith("unknown url type"):  # a typo such as htps://
+            raise _Permanent(str(error.reason)) from None
         raise _Transient(str(error.reason)) from None
     except (TimeoutError, ConnectionError, http.client.HTTPException) as error:
         raise _Transient(f"{type(error).__name__}: {error}") from None
