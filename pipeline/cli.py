@@ -38,26 +38,48 @@ def run_from_params(stage: Stage, params_file: Path) -> Any:
         _fail(error)
 
 
-def run_with_hydra(stage: Stage) -> None:
+def _into_job_folder(cfg: config.PipelineConfig, output_dir: str) -> config.PipelineConfig:
+    """Send the model and reports of a Hydra run to its own folder, not DVC's outputs."""
+    cfg.paths.models_dir = str(Path(output_dir) / "models")
+    cfg.paths.reports_dir = str(Path(output_dir) / "reports")
+    return cfg
+
+
+def run_with_hydra(stage: Stage, job_outputs: bool = False) -> None:
     """Run a stage under Hydra's command line (overrides, -m sweeps) over `conf/`."""
     import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     @hydra.main(config_path=str(config.CONF_DIR), config_name="config", version_base=None)
     def task(cfg: DictConfig) -> Any:
         try:
-            return stage(config.validate(cfg))
+            pipeline_cfg = config.validate(cfg)
+            if job_outputs:
+                pipeline_cfg = _into_job_folder(pipeline_cfg, HydraConfig.get().runtime.output_dir)
+            return stage(pipeline_cfg)
         except PipelineError as error:
-            _fail(error)
+            if HydraConfig.get().mode != RunMode.MULTIRUN:
+                _fail(error)
+            # In a sweep, Hydra marks the job failed and goes on with the next one; the
+            # basic sweeper then exits non-zero, the Optuna sweeper counts a failed trial.
+            log.error("job %d failed: %s", HydraConfig.get().job.num, error)
+            raise
 
     task()
 
 
-def main(stage: Stage, argv: list[str] | None = None) -> None:
-    """Dispatch to `--params FILE` (DVC) or to Hydra's command line."""
+def main(stage: Stage, argv: list[str] | None = None, job_outputs: bool = False) -> None:
+    """Dispatch to `--params FILE` (DVC) or to Hydra's command line.
+
+    With `job_outputs`, a Hydra run writes `paths.models_dir` and `paths.reports_dir` in
+    its own output folder (`outputs/...`, `multirun/.../<job>`), so that direct runs and
+    sweeps never overwrite what DVC tracks.
+    """
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["--params"]:
         if len(args) != 2:
             sys.exit("usage: python -m pipeline.<stage> --params params.yaml")
         run_from_params(stage, Path(args[1]))
     else:
-        run_with_hydra(stage)
+        run_with_hydra(stage, job_outputs)

@@ -161,11 +161,20 @@ class TrainConfig:
     epochs: int = 3
     batch_size: int = 100
     shuffle_buffer: int = 10000  # images; 0 disables shuffling
+    max_steps: int = 0  # stop after this many optimizer steps; 0: train.epochs full passes
     log_every_n_steps: int = 50  # finer-grained train metrics to MLflow and TensorBoard
+    val_every_n_steps: int = 0  # validation-batch summaries to TensorBoard; 0: per epoch
     histogram_every_n_epochs: int = 1  # weight, bias and activation histograms
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
+        _require(self.max_steps >= 0, "train.max_steps", "must be >= 0", self.max_steps)
+        _require(
+            self.val_every_n_steps >= 0,
+            "train.val_every_n_steps",
+            "must be >= 0",
+            self.val_every_n_steps,
+        )
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
         _require(
             self.shuffle_buffer >= 0, "train.shuffle_buffer", "must be >= 0", self.shuffle_buffer
@@ -206,6 +215,7 @@ class TrackingConfig:
     experiment_name: str = "mnist-cnn"
     artifact_dir: str = "mlartifacts"  # for experiments this project creates
     tensorboard_dir: str = "logs/tensorboard"  # one timestamped folder per run
+    tags: dict[str, str] = field(default_factory=dict)  # added to every run's MLflow tags
 
 
 @dataclass

@@ -75,3 +75,19 @@ def training_curves(history: dict[str, list[float]], path: Path) -> None:
         axis.grid(alpha=0.3)
         axis.legend()
     _save(figure, path)
+
+
+def compared_curves(
+    curves: dict[str, tuple[list[int], list[float]]], metric: str, path: Path
+) -> None:
+    """Save one line per run (label: (epochs, values)) of a metric, for comparing runs."""
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for label, (epochs, values) in curves.items():
+        axis.plot(epochs, values, marker="o", label=label)
+    axis.set_xlabel("epoch")
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axis.set_ylabel(metric)
+    axis.grid(alpha=0.3)
+    if curves:
+        axis.legend(fontsize=8)
+    _save(figure, path)

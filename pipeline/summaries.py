@@ -45,6 +45,25 @@ class TensorBoardSummaries(keras.callbacks.Callback):
         self.every_n_steps = every_n_steps
         self.histogram_every_n_epochs = histogram_every_n_epochs
         self.step = 0
+        self.val_batches: list[tuple[np.ndarray, np.ndarray]] = []
+        self.val_every_n_steps = 0
+
+    def watch_validation(
+        self, images: np.ndarray, labels: np.ndarray, batch_size: int, every_n_steps: int
+    ) -> None:
+        """Also write the loss and accuracy of one validation batch every n steps.
+
+        As the tutorial did: its validation curve came from a batch, not the whole split.
+        The batches are taken in turn, so the curve covers the whole split over time.
+        """
+        self.val_batches = [
+            (
+                images[start : start + batch_size].astype(np.float32),
+                labels[start : start + batch_size],
+            )
+            for start in range(0, len(images), batch_size)
+        ]
+        self.val_every_n_steps = every_n_steps
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self.layers = [layer for layer in self.model.layers if layer.weights]
@@ -61,6 +80,8 @@ class TensorBoardSummaries(keras.callbacks.Callback):
             with self.train_writer.as_default():
                 tf.summary.scalar("batch_loss", float(logs["loss"]), step=self.step)
                 tf.summary.scalar("batch_accuracy", float(logs["accuracy"]), step=self.step)
+        if self.val_every_n_steps and self.step % self.val_every_n_steps == 0:
+            self._write_validation_batch()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs or {}
@@ -80,6 +101,19 @@ class TensorBoardSummaries(keras.callbacks.Callback):
     def on_train_end(self, logs: dict | None = None) -> None:
         self.train_writer.close()
         self.val_writer.close()
+
+    def _write_validation_batch(self) -> None:
+        images, labels = self.val_batches[
+            (self.step // self.val_every_n_steps - 1) % len(self.val_batches)
+        ]
+        logits = self.model(images, training=False)
+        loss = keras.ops.mean(
+            keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        )
+        accuracy = np.mean(np.argmax(logits, axis=1) == labels)
+        with self.val_writer.as_default():
+            tf.summary.scalar("batch_loss", float(loss), step=self.step)
+            tf.summary.scalar("batch_accuracy", float(accuracy), step=self.step)
 
     def _write_graph(self) -> None:
         forward = tf.function(lambda images: self.model(images, training=False))
@@ -129,6 +163,21 @@ class MlflowMetrics(keras.callbacks.Callback):
         self.pending.append(("train/learning_rate", rate, epoch + 1))
         tracking.log_metric_points(self.run_id, self.pending)
         self.pending = []
+
+
+class StopAfterSteps(keras.callbacks.Callback):
+    """End training after a number of optimizer steps, part-way through an epoch if need be."""
+
+    def __init__(self, max_steps: int):
+        super().__init__()
+        self.max_steps = max_steps
+        self.step = 0
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.step += 1
+        if self.step >= self.max_steps:
+            # Keras finishes the epoch's bookkeeping (validation, callbacks), then stops.
+            self.model.stop_training = True
 
 
 class StopOnNaN(keras.callbacks.TerminateOnNaN):

@@ -37,10 +37,24 @@ class TrackingError(PipelineError):
     """The MLflow store cannot be reached or used."""
 
 
+def tracking_root() -> Path:
+    """The project folder that holds the MLflow store and the TensorBoard logs.
+
+    DVC runs a queued experiment in a temporary copy of the project and points DVC_ROOT
+    at the original, so its run is recorded in the project's store, not in the copy.
+    """
+    return Path(os.environ.get("DVC_ROOT") or PROJECT_ROOT)
+
+
+def local_path(relative: str) -> Path:
+    """Resolve a `tracking.*` folder against the tracking root."""
+    return tracking_root() / relative
+
+
 def tracking_uri(cfg: PipelineConfig) -> str:
     """MLFLOW_TRACKING_URI, else `tracking.tracking_uri`, else the project's SQLite store."""
     configured = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri
-    return configured or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+    return configured or f"sqlite:///{tracking_root() / 'mlflow.db'}"
 
 
 def _check_server(uri: str) -> None:
@@ -69,7 +83,7 @@ def connect(cfg: PipelineConfig) -> str:
         if experiment is None:
             # An explicit artifact root: MLflow would otherwise resolve ./mlruns against
             # whatever the working directory happens to be.
-            location = cfg.path(cfg.tracking.artifact_dir).resolve().as_uri()
+            location = local_path(cfg.tracking.artifact_dir).resolve().as_uri()
             try:
                 return mlflow.create_experiment(name, artifact_location=location)
             except MlflowException:  # created meanwhile by a parallel job
@@ -107,15 +121,21 @@ def dvc_hashes() -> dict[str, str]:
     return hashes
 
 
-def run_tags() -> dict[str, str]:
+def run_tags(cfg: PipelineConfig) -> dict[str, str]:
     """Tags that say what made a run: code revision, data hashes, package versions."""
     tags = {
         "git.commit": _git("rev-parse", "HEAD") or "unknown",
         "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))),
         **dvc_hashes(),
+        **cfg.tracking.tags,
     }
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    # Set by `dvc exp run`, in the workspace and in queued temporary copies alike.
+    for variable, tag in (
+        ("DVC_EXP_NAME", "dvc.experiment"),
+        ("DVC_EXP_BASELINE_REV", "dvc.baseline"),
+    ):
+        if os.environ.get(variable):
+            tags[tag] = os.environ[variable]
     for package in PACKAGES:
         with contextlib.suppress(metadata.PackageNotFoundError):
             tags[f"version.{package}"] = metadata.version(package)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pipeline import cli, config, data, files, plots, summaries, tracking
+from pipeline import cli, config, data, files, plots, summaries, sweep, tracking
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.model import MODEL_FILE, build_model, compile_model
@@ -40,6 +40,8 @@ class TrainingDiverged(PipelineError):
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and TensorFlow and make TensorFlow's kernels deterministic."""
+    # The jobs of a sweep may share a process: each starts from a fresh Keras state.
+    keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     # Same seed, config and data, same weights: TensorFlow then picks deterministic
     # kernels (and raises for ops that have none) instead of the fastest ones.
@@ -47,17 +49,28 @@ def seed_everything(seed: int) -> None:
 
 
 def callbacks(
-    cfg: PipelineConfig, run_id: str, log_dir: Path, probe_images: np.ndarray
+    cfg: PipelineConfig,
+    run_id: str,
+    log_dir: Path,
+    val_images: np.ndarray,
+    val_labels: np.ndarray,
 ) -> list[keras.callbacks.Callback]:
-    """The NaN guard, TensorBoard summaries and MLflow metrics."""
+    """The NaN guard, the step limit, TensorBoard summaries and MLflow metrics."""
+    tensorboard = summaries.TensorBoardSummaries(
+        log_dir,
+        val_images[:HISTOGRAM_PROBE_SIZE],
+        cfg.train.log_every_n_steps,
+        cfg.train.histogram_every_n_epochs,
+    )
+    if cfg.train.val_every_n_steps:
+        tensorboard.watch_validation(
+            val_images, val_labels, cfg.train.batch_size, cfg.train.val_every_n_steps
+        )
+    limit = [summaries.StopAfterSteps(cfg.train.max_steps)] if cfg.train.max_steps else []
     return [
         summaries.StopOnNaN(),
-        summaries.TensorBoardSummaries(
-            log_dir,
-            probe_images,
-            cfg.train.log_every_n_steps,
-            cfg.train.histogram_every_n_epochs,
-        ),
+        *limit,
+        tensorboard,
         summaries.MlflowMetrics(run_id, cfg.train.log_every_n_steps),
     ]
 
@@ -134,32 +147,38 @@ def run(cfg: PipelineConfig) -> float:
     )
     val_set = data.dataset(val_images, val_labels, cfg.train.batch_size)
     steps_per_epoch = math.ceil(len(train_images) / cfg.train.batch_size)
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    epochs = math.ceil(total_steps / steps_per_epoch)
     log.info(
-        "data: %d train and %d validation images, %d steps per epoch",
+        "data: %d train and %d validation images, %d steps per epoch, %d steps",
         len(train_images),
         len(val_images),
         steps_per_epoch,
+        total_steps,
     )
 
     model = build_model(cfg.model, cfg.data.image_size, cfg.data.num_classes)
-    compile_model(model, cfg.optimizer, steps_per_epoch * cfg.train.epochs)
+    compile_model(model, cfg.optimizer, total_steps)
     log.info("model: %s, %d parameters", cfg.model.name, model.count_params())
 
     experiment_id = tracking.connect(cfg)
-    with mlflow.start_run(experiment_id=experiment_id, tags=tracking.run_tags()) as run:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    tags = {**tracking.run_tags(cfg), **sweep.job_tags()}
+    # Named explicitly: MLflow's generated names come from `random`, which is seeded.
+    run_name = tags.pop("mlflow.runName", f"{cfg.model.name}-{stamp}")
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         run_id = run.info.run_id
         mlflow.log_params(config.flatten(cfg))
         mlflow.log_text(config.to_yaml(cfg), "config.yaml")
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        log_dir = cfg.path(cfg.tracking.tensorboard_dir) / f"{stamp}-{run_id[:8]}"
+        log_dir = tracking.local_path(cfg.tracking.tensorboard_dir) / f"{stamp}-{run_id[:8]}"
         log.info("tracking: MLflow run %s, TensorBoard %s", run_id, log_dir)
 
         started = time.perf_counter()
-        nan_guard, *others = callbacks(cfg, run_id, log_dir, val_images[:HISTOGRAM_PROBE_SIZE])
+        nan_guard, *others = callbacks(cfg, run_id, log_dir, val_images, val_labels)
         history = model.fit(
             train_set,
             validation_data=val_set,
-            epochs=cfg.train.epochs,
+            epochs=epochs,
             callbacks=[nan_guard, *others],
             shuffle=False,
             verbose=2,
@@ -171,13 +190,13 @@ def run(cfg: PipelineConfig) -> float:
                 f"of epoch {len(history.epoch)}; lower optimizer.lr "
                 f"(now {cfg.optimizer.lr}) or check the data"
             )
-        images_seen = len(train_images) * len(history.epoch)
+        images_seen = min(total_steps * cfg.train.batch_size, len(train_images) * epochs)
         mlflow.log_metrics(
             {"train/seconds": seconds, "train/images_per_second": images_seen / seconds}
         )
         log.info(
-            "trained %d epochs in %.0f s (%.0f images/s)",
-            len(history.epoch),
+            "trained %d steps in %.0f s (%.0f images/s)",
+            total_steps,
             seconds,
             images_seen / seconds,
         )
@@ -196,4 +215,4 @@ def run(cfg: PipelineConfig) -> float:
 
 
 if __name__ == "__main__":
-    cli.main(run)
+    cli.main(run, job_outputs=True)
