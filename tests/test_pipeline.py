@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -173,3 +174,53 @@ def test_tensorboard_has_histograms_of_every_layer(reproduced):
     for run_steps in (train_steps, validation_steps):
         assert run_steps["epoch_accuracy"] == list(range(EPOCHS))
         assert run_steps["epoch_loss"] == list(range(EPOCHS))
+
+
+SLICE_CONFIG = """\
+# The slice pipeline of this test, as a primary config for DVC's Hydra integration.
+defaults:
+  - config
+  - override data: mnist_slice
+  - _self_
+preprocess:
+  val_size: 300
+train:
+  epochs: 1
+  log_every_n_steps: 5
+"""
+
+
+def test_queued_dvc_experiment_records_into_the_project_store(reproduced):
+    project = reproduced["project"]
+    dvc = [sys.executable, "-m", "dvc"]
+    # `dvc exp run -S` composes conf/ afresh: make the slice the composed config.
+    (project / "conf" / "slice.yaml").write_text(SLICE_CONFIG)
+    _run([*dvc, "config", "hydra.config_name", "slice"], project)
+    _run(["git", "add", "-A"], project)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "slice"], project)
+    baseline = _run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+
+    _run([*dvc, "exp", "run", "--queue", "-n", "lr-1e-3", "-S", "optimizer.lr=0.001"], project)
+    _run([*dvc, "queue", "start", "-j", "1"], project)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = _run([*dvc, "queue", "status"], project).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert "Success" in status, status
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist-cnn")
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`dvc.experiment` = 'lr-1e-3'"
+    )
+    assert len(runs) == 1
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["optimizer.lr"] == "0.001"
+    assert runs[0].data.tags["dvc.baseline"] == baseline
+    assert "test/accuracy" in runs[0].data.metrics
+    shown = _run([*dvc, "exp", "show", "--json"], project).stdout
+    # `dvc exp show` lists the experiment with its parameters and test metrics.
+    assert '"lr-1e-3"' in shown
+    assert '"reports/metrics.json"' in shown and '"params.yaml"' in shown
