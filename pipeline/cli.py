@@ -38,10 +38,20 @@ def run_from_params(stage: Stage, params_file: Path) -> Any:
         _fail(error)
 
 
-def _into_job_folder(cfg: config.PipelineConfig, output_dir: str) -> config.PipelineConfig:
-    """Send the model and reports of a Hydra run to its own folder, not DVC's outputs."""
-    cfg.paths.models_dir = str(Path(output_dir) / "models")
-    cfg.paths.reports_dir = str(Path(output_dir) / "reports")
+def _into_job_folder(cfg: config.PipelineConfig, hydra_config: Any) -> config.PipelineConfig:
+    """Send the model and reports of a Hydra run to its own folder, not DVC's outputs.
+
+    A single run keeps a folder given on the command line (`paths.models_dir=...`); the
+    jobs of a sweep always get their own, or parallel jobs would share one model file.
+    """
+    from hydra.types import RunMode
+
+    overrides = list(hydra_config.overrides.task)
+    for key in ("models_dir", "reports_dir"):
+        given = any(o.lstrip("+~").startswith(f"paths.{key}=") for o in overrides)
+        if hydra_config.mode == RunMode.MULTIRUN or not given:
+            folder = Path(hydra_config.runtime.output_dir) / key.removesuffix("_dir")
+            setattr(cfg.paths, key, str(folder))
     return cfg
 
 
@@ -56,7 +66,7 @@ def run_with_hydra(stage: Stage, job_outputs: bool = False) -> None:
         try:
             pipeline_cfg = config.validate(cfg)
             if job_outputs:
-                pipeline_cfg = _into_job_folder(pipeline_cfg, HydraConfig.get().runtime.output_dir)
+                pipeline_cfg = _into_job_folder(pipeline_cfg, HydraConfig.get())
             return stage(pipeline_cfg)
         except PipelineError as error:
             if HydraConfig.get().mode != RunMode.MULTIRUN:

@@ -219,9 +219,24 @@ class TrackingConfig:
 
 
 @dataclass
+class RegistryConfig:
+    model_name: str = "mnist-cnn"  # the registered model in MLflow's model registry
+    # A challenger replaces the champion only when its test accuracy is higher by more
+    # than `margin` and at least `floor`.
+    margin: float = 0.001
+    floor: float = 0.99
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model_name), "registry.model_name", "must not be empty", "")
+        _require(-1.0 <= self.margin <= 1.0, "registry.margin", "must be in [-1, 1]", self.margin)
+        _require(0.0 <= self.floor <= 1.0, "registry.floor", "must be in [0, 1]", self.floor)
+
+
+@dataclass
 class PathsConfig:
     # Relative to the project root, never to the working directory.
     raw_dir: str = "data/raw"
+    incoming_dir: str = "data/incoming"  # new labelled digits: <digit>/<image file>
     processed_dir: str = "data/processed"
     models_dir: str = "models"
     reports_dir: str = "reports"
@@ -238,6 +253,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
     def path(self, relative: str) -> Path:

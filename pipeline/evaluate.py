@@ -8,13 +8,14 @@ and F1 (a pandas table as CSV), the test predictions (the confusion matrix sourc
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 
-from pipeline import cli, data, files, plots, tracking
+from pipeline import cli, data, files, plots, registry, tracking
 from pipeline.config import PipelineConfig
 from pipeline.model import load_model
 
@@ -80,8 +81,12 @@ def write_reports(
     return eval_dir
 
 
-def run(cfg: PipelineConfig) -> dict:
-    """Evaluate the model on the test split and log the results to its MLflow run."""
+def run(cfg: PipelineConfig, register: bool = True) -> dict:
+    """Evaluate the model on the test split and log the results to its MLflow run.
+
+    With `register`, the model also becomes the newest version of `registry.model_name`,
+    with the alias `challenger`.
+    """
     models_dir = cfg.path(cfg.paths.models_dir)
     model = load_model(models_dir)
     run_id = tracking.load_run_id(models_dir)
@@ -117,7 +122,16 @@ def run(cfg: PipelineConfig) -> dict:
         mlflow.log_metrics({f"test/f1_digit_{row.digit}": row.f1 for row in report.itertuples()})
         mlflow.log_artifacts(str(eval_dir), "eval")
         mlflow.log_artifact(str(metrics_file))
+        run_tags = mlflow.get_run(run_id).data.tags
     log.info("results logged to MLflow run %s", run_id)
+
+    if register and os.environ.get("DVC_EXP_NAME"):
+        # An experiment is for comparing; only the workspace's pipeline feeds the registry.
+        log.info("DVC experiment %s: the model is not registered", os.environ["DVC_EXP_NAME"])
+    elif register:
+        version_tags = {f"test/{name}": str(value) for name, value in metrics["test"].items()}
+        version_tags |= {tag: value for tag, value in run_tags.items() if tag.startswith("dvc.")}
+        registry.register(cfg, run_id, version_tags)
     return metrics
 
 

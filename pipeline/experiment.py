@@ -19,7 +19,8 @@ from pipeline.config import PipelineConfig
 def run(cfg: PipelineConfig) -> float:
     """Train and evaluate; return the final validation accuracy."""
     val_accuracy = train.run(cfg)
-    evaluate.run(cfg)
+    # Sweep jobs are compared in MLflow, not entered into the model registry.
+    evaluate.run(cfg, register=False)
     return val_accuracy
 
 

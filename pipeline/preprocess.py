@@ -1,8 +1,9 @@
 """preprocess stage: parse and validate the IDX files, split, and describe the data.
 
 The split is the tutorial's: the first `preprocess.val_size` training images are the
-validation set, the rest the training set, and the test file the test set. Arrays stay
-uint8 on disk; the model rescales the pixels.
+validation set, the rest the training set, and the test file the test set. New labelled
+digits in `paths.incoming_dir` join the training set only, never validation or test.
+Arrays stay uint8 on disk; the model rescales the pixels.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 
 import numpy as np
 
-from pipeline import cli, data, files, idx, plots
+from pipeline import cli, data, files, idx, incoming, plots
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 
@@ -48,7 +49,10 @@ def load_raw(cfg: PipelineConfig, kind: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def split(cfg: PipelineConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The train, validation and test splits; validation is the head of the train file."""
+    """The train, validation and test splits; validation is the head of the train file.
+
+    The incoming digits are not part of it: `run` appends them to the training split.
+    """
     train_images, train_labels = load_raw(cfg, "train")
     test_images, test_labels = load_raw(cfg, "test")
     val_size = cfg.preprocess.val_size
@@ -81,9 +85,28 @@ def statistics(splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: int) -
     return stats
 
 
+def add_incoming(
+    cfg: PipelineConfig, splits: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> incoming.Incoming:
+    """Append the valid incoming digits to the training split; return what was read."""
+    new = incoming.read_folder(
+        cfg.path(cfg.paths.incoming_dir), cfg.data.num_classes, cfg.data.image_size
+    )
+    images, labels = splits["train"]
+    splits["train"] = (np.concatenate([images, new.images]), np.concatenate([labels, new.labels]))
+    log.info(
+        "incoming: %d new training digits from %s, %d files rejected",
+        len(new.labels),
+        cfg.paths.incoming_dir,
+        len(new.rejected),
+    )
+    return new
+
+
 def run(cfg: PipelineConfig) -> dict:
-    """Parse, validate, split, save and describe MNIST."""
+    """Parse, validate, split, add incoming digits, save and describe MNIST."""
     splits = split(cfg)
+    new = add_incoming(cfg, splits)
     log.info("split: %s", ", ".join(f"{name} {len(y)}" for name, (_, y) in splits.items()))
 
     with files.staged_dir(cfg.path(cfg.paths.processed_dir)) as staging:
@@ -92,7 +115,9 @@ def run(cfg: PipelineConfig) -> dict:
 
     reports_dir = cfg.path(cfg.paths.reports_dir) / "data"
     stats = statistics(splits, cfg.data.num_classes)
+    stats["incoming"] = {"accepted": len(new.labels), "rejected": len(new.rejected)}
     files.write_json(reports_dir / "stats.json", stats)
+    files.write_json(reports_dir / "incoming_rejected.json", new.rejected)
     log.info(
         "train pixels: mean %.4f, std %.4f",
         stats["train"]["pixel_mean"],

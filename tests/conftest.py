@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,3 +47,39 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def slice_cfg(tmp_path: Path) -> PipelineConfig:
     """The slice config with every output in tmp_path."""
     return make_config(tmp_path)
+
+
+def run_in(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run a command in `cwd` without the developer's MLflow and mirror settings; must pass."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MNIST_"))}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def copy_project(destination: Path) -> Path:
+    """Copy the files git tracks into a fresh git repository, as a clone would have them."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=PROJECT_ROOT, check=True, capture_output=True, text=True
+    ).stdout.split("\0")
+    for name in filter(None, tracked):
+        source = PROJECT_ROOT / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+    for args in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        [
+            "git",
+            "-c",
+            "user.name=test",
+            "-c",
+            "user.email=test@example.com",
+            "commit",
+            "-qm",
+            "copy",
+        ],
+    ):
+        run_in(args, destination)
+    return destination

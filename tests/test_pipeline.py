@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import copy_project, run_in
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-from pipeline.config import PROJECT_ROOT
 
 EPOCHS = 2
 STEPS_PER_EPOCH = 12  # 1,200 training images in batches of 100
@@ -22,47 +18,12 @@ LOG_EVERY = 5  # train.log_every_n_steps
 HISTOGRAM_LAYERS = ("conv1", "conv2", "dense", "logits")
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MNIST_"))}
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def copy_project(destination: Path) -> Path:
-    """Copy the files git tracks into a fresh git repository, as a clone would have them."""
-    tracked = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=PROJECT_ROOT, check=True, capture_output=True, text=True
-    ).stdout.split("\0")
-    for name in filter(None, tracked):
-        source = PROJECT_ROOT / name
-        if source.is_file():
-            (destination / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, destination / name)
-    for args in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        [
-            "git",
-            "-c",
-            "user.name=test",
-            "-c",
-            "user.email=test@example.com",
-            "commit",
-            "-qm",
-            "copy",
-        ],
-    ):
-        _run(args, destination)
-    return destination
-
-
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Run `dvc repro` on the slice twice in a copy of the project."""
     project = copy_project(tmp_path_factory.mktemp("project"))
     python = sys.executable
-    _run(
+    run_in(
         [
             python,
             "-m",
@@ -75,8 +36,8 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> dict:
         project,
     )
     dvc = [python, "-m", "dvc"]
-    first = _run([*dvc, "repro"], project)
-    second = _run([*dvc, "repro"], project)
+    first = run_in([*dvc, "repro"], project)
+    second = run_in([*dvc, "repro"], project)
     return {"project": project, "first": first.stdout, "second": second.stdout}
 
 
@@ -93,7 +54,7 @@ def test_every_stage_runs_once_and_a_second_repro_changes_nothing(reproduced):
     for stage in ("download", "preprocess", "train", "evaluate"):
         assert f"Running stage '{stage}'" in reproduced["first"]
     assert "Running stage" not in reproduced["second"]
-    status = _run([sys.executable, "-m", "dvc", "status"], reproduced["project"])
+    status = run_in([sys.executable, "-m", "dvc", "status"], reproduced["project"])
     assert "Data and pipelines are up to date." in status.stdout
 
 
@@ -195,16 +156,16 @@ def test_queued_dvc_experiment_records_into_the_project_store(reproduced):
     dvc = [sys.executable, "-m", "dvc"]
     # `dvc exp run -S` composes conf/ afresh: make the slice the composed config.
     (project / "conf" / "slice.yaml").write_text(SLICE_CONFIG)
-    _run([*dvc, "config", "hydra.config_name", "slice"], project)
-    _run(["git", "add", "-A"], project)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "slice"], project)
-    baseline = _run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    run_in([*dvc, "config", "hydra.config_name", "slice"], project)
+    run_in(["git", "add", "-A"], project)
+    run_in(["git", "-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "slice"], project)
+    baseline = run_in(["git", "rev-parse", "HEAD"], project).stdout.strip()
 
-    _run([*dvc, "exp", "run", "--queue", "-n", "lr-1e-3", "-S", "optimizer.lr=0.001"], project)
-    _run([*dvc, "queue", "start", "-j", "1"], project)
+    run_in([*dvc, "exp", "run", "--queue", "-n", "lr-1e-3", "-S", "optimizer.lr=0.001"], project)
+    run_in([*dvc, "queue", "start", "-j", "1"], project)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        status = _run([*dvc, "queue", "status"], project).stdout
+        status = run_in([*dvc, "queue", "status"], project).stdout
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(5)
@@ -220,7 +181,7 @@ def test_queued_dvc_experiment_records_into_the_project_store(reproduced):
     assert runs[0].data.params["optimizer.lr"] == "0.001"
     assert runs[0].data.tags["dvc.baseline"] == baseline
     assert "test/accuracy" in runs[0].data.metrics
-    shown = _run([*dvc, "exp", "show", "--json"], project).stdout
+    shown = run_in([*dvc, "exp", "show", "--json"], project).stdout
     # `dvc exp show` lists the experiment with its parameters and test metrics.
     assert '"lr-1e-3"' in shown
     assert '"reports/metrics.json"' in shown and '"params.yaml"' in shown
