@@ -14,8 +14,11 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorboard.plugins.histogram import metadata as histogram_metadata
 
 from pipeline import tracking
+
+HISTOGRAM_BINS = 30  # TensorBoard's own default
 
 
 class TensorBoardSummaries(keras.callbacks.Callback):
@@ -128,9 +131,26 @@ class TensorBoardSummaries(keras.callbacks.Callback):
         with self.train_writer.as_default():
             for layer, activation in zip(self.layers, activations, strict=True):
                 kernel, bias = layer.weights[0], layer.weights[1]
-                tf.summary.histogram(f"{layer.name}/weights", kernel, step=step)
-                tf.summary.histogram(f"{layer.name}/biases", bias, step=step)
-                tf.summary.histogram(f"{layer.name}/activations", activation, step=step)
+                write_histogram(f"{layer.name}/weights", kernel, step)
+                write_histogram(f"{layer.name}/biases", bias, step)
+                write_histogram(f"{layer.name}/activations", activation, step)
+
+
+def write_histogram(name: str, values: object, step: int) -> None:
+    """Write a histogram summary in the form TensorBoard's histogram dashboard reads.
+
+    tf.summary.histogram (TensorBoard 2.21) compares every value with every bucket in a
+    float64 matrix: 1.5 GB and a second of CPU for conv1's activations on the probe
+    batch. np.histogram computes the same buckets in one pass over the values.
+    """
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    flat = flat[np.isfinite(flat)]  # a diverging run still gets its other summaries
+    if flat.size == 0:
+        return
+    counts, edges = np.histogram(flat, bins=HISTOGRAM_BINS)
+    buckets = np.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)
+    metadata = histogram_metadata.create_summary_metadata(display_name=name, description="")
+    tf.summary.write(name, tf.constant(buckets), step=step, metadata=metadata)
 
 
 class MlflowMetrics(keras.callbacks.Callback):

@@ -11,6 +11,7 @@ import mlflow
 import pytest
 from conftest import copy_project, run_in
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.util import tensor_util
 
 EPOCHS = 2
 STEPS_PER_EPOCH = 12  # 1,200 training images in batches of 100
@@ -131,6 +132,14 @@ def test_tensorboard_has_histograms_of_every_layer(reproduced):
     assert train_steps["batch_loss"] == list(
         range(LOG_EVERY, STEPS_PER_EPOCH * EPOCHS + 1, LOG_EVERY)
     )
+    # Each histogram holds every value once: conv1 has 5 x 5 x 1 x 32 weights.
+    for path in (runs[0] / "train").glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == "conv1/weights":
+                    buckets = tensor_util.make_ndarray(value.tensor)
+                    assert buckets.shape == (30, 3)
+                    assert buckets[:, 2].sum() == 800
     validation_steps, _ = summary_steps(runs[0] / "validation")
     for run_steps in (train_steps, validation_steps):
         assert run_steps["epoch_accuracy"] == list(range(EPOCHS))

@@ -1,0 +1,1 @@
+"""Benchmarks of the training pipeline against the machine and a plain-Keras baseline."""
