@@ -8,6 +8,7 @@ Each stage module ends in `cli.main(run)`. DVC calls a stage with `--params para
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,20 @@ log = logging.getLogger("pipeline")
 
 Stage = Callable[[config.PipelineConfig], Any]
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (kill, systemd, a scheduler's timeout) into a normal exit.
+
+    Python's default is to die at once: MLflow runs would stay RUNNING and child
+    processes would be orphaned. As SystemExit, `with` blocks and exit hooks run: the
+    run ends FAILED, a sweep's parent is closed.
+    """
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
 
 
 def _fail(error: PipelineError) -> None:
@@ -87,6 +102,7 @@ def main(stage: Stage, argv: list[str] | None = None, job_outputs: bool = False)
     sweeps never overwrite what DVC tracks.
     """
     args = sys.argv[1:] if argv is None else argv
+    exit_on_sigterm()
     if args[:1] == ["--params"]:
         if len(args) != 2:
             sys.exit("usage: python -m pipeline.<stage> --params params.yaml")

@@ -124,10 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tags = dict(_split_tag(tag) for tag in args.tag)
         cfg = config.load_params()
-        mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+        tracking.use_store(cfg)
         runs = select_runs(args.experiment or cfg.tracking.experiment_name, args.sweep, tags)
         if runs.empty:
             raise PipelineError("no MLflow runs match; check --experiment, --sweep and --tag")
+        known = sorted(
+            c.removeprefix("metrics.") for c in runs.columns if c.startswith("metrics.")
+        )
+        if args.sort not in known:
+            raise PipelineError(f"--sort {args.sort!r}: no such metric; one of {', '.join(known)}")
+        for output in (args.csv, args.markdown, args.plot):
+            if output is not None and not output.parent.is_dir():
+                raise PipelineError(f"{output}: its folder does not exist")
         table = comparison_table(runs, args.sort, args.ascending)
     except PipelineError as error:
         log.error("%s", error)
@@ -135,12 +143,16 @@ def main(argv: list[str] | None = None) -> int:
 
     with pd.option_context("display.width", 200, "display.max_columns", 50):
         print(table.to_string(index=False, float_format=lambda value: f"{value:.4f}"))
-    if args.csv:
-        table.to_csv(args.csv, index=False)
-    if args.markdown:
-        args.markdown.write_text(table.to_markdown(index=False, floatfmt=".4f") + "\n")
-    if args.plot:
-        plot_val_accuracy(table, args.plot)
+    try:
+        if args.csv:
+            table.to_csv(args.csv, index=False)
+        if args.markdown:
+            args.markdown.write_text(table.to_markdown(index=False, floatfmt=".4f") + "\n")
+        if args.plot:
+            plot_val_accuracy(table, args.plot)
+    except OSError as error:
+        log.error("cannot write %s: %s", error.filename, error.strerror)
+        return 1
     return 0
 
 

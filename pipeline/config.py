@@ -217,6 +217,9 @@ class TrackingConfig:
     tensorboard_dir: str = "logs/tensorboard"  # one timestamped folder per run
     tags: dict[str, str] = field(default_factory=dict)  # added to every run's MLflow tags
 
+    def __post_init__(self) -> None:
+        _require(bool(self.experiment_name), "tracking.experiment_name", "must not be empty", "")
+
 
 @dataclass
 class RegistryConfig:
@@ -241,6 +244,24 @@ class PathsConfig:
     models_dir: str = "models"
     reports_dir: str = "reports"
 
+    def __post_init__(self) -> None:
+        folders = {key: Path(value) for key, value in vars(self).items()}
+        for key, folder in folders.items():
+            _require(
+                folder.parts and folder.parts != (".",) and ".." not in folder.parts,
+                f"paths.{key}",
+                "must name a folder below the project (no '.', '..' or empty)",
+                str(folder),
+            )
+        for key, folder in folders.items():
+            for other, inner in folders.items():
+                _require(
+                    key == other or folder not in inner.parents,
+                    f"paths.{key}",
+                    f"must not contain paths.{other} ({inner})",
+                    str(folder),
+                )
+
 
 @dataclass
 class PipelineConfig:
@@ -255,6 +276,9 @@ class PipelineConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)", self.seed)
 
     def path(self, relative: str) -> Path:
         """Resolve a configured path against the project root."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +29,7 @@ def load_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path) as archive:
             images, labels = archive["images"], archive["labels"]
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
         raise PipelineError(
             f"{path}: unreadable ({error}); run `dvc repro -f preprocess`"
         ) from None

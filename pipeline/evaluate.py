@@ -90,6 +90,9 @@ def run(cfg: PipelineConfig, register: bool = True) -> dict:
     models_dir = cfg.path(cfg.paths.models_dir)
     model = load_model(models_dir)
     run_id = tracking.load_run_id(models_dir)
+    # The store first: nothing is written when the results could not be recorded.
+    tracking.connect(cfg)
+    tracking.check_run(run_id)
     images, labels = data.load_split(cfg.path(cfg.paths.processed_dir), "test")
 
     logits = model.predict(data.dataset(images, labels, cfg.evaluate.batch_size), verbose=0)
@@ -116,7 +119,6 @@ def run(cfg: PipelineConfig, register: bool = True) -> dict:
     metrics_file = cfg.path(cfg.paths.reports_dir) / "metrics.json"
     files.write_json(metrics_file, metrics)
 
-    tracking.connect(cfg)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({f"test/{name}": value for name, value in metrics["test"].items()})
         mlflow.log_metrics({f"test/f1_digit_{row.digit}": row.f1 for row in report.itertuples()})

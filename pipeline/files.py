@@ -11,10 +11,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import PipelineError
+
 
 @contextlib.contextmanager
 def staged_dir(target: Path) -> Iterator[Path]:
-    """Yield an empty staging folder that replaces `target` only if the block succeeds."""
+    """Yield an empty staging folder that replaces `target` only if the block succeeds.
+
+    The stages' output folders hold files only: a `target` with folders inside is not
+    one of them (a mistyped `paths.*` value such as `.` or `data`), and is refused
+    rather than replaced.
+    """
+    if target.is_dir() and any(child.is_dir() for child in target.iterdir()):
+        raise PipelineError(
+            f"{target}: holds folders, so it is not an output folder of this pipeline and "
+            "will not be replaced; check the paths.* values"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the output should not be

@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 DIGIT_BOX = 20  # MNIST fits each digit in 20x20 pixels inside the 28x28 image
+MAX_PIXELS = 50_000_000  # larger files are rejected before they are decoded
 
 
 @dataclass
@@ -66,13 +67,32 @@ def _border(grey: np.ndarray) -> np.ndarray:
 
 
 def read_image(path: Path, size: int = 28) -> np.ndarray:
-    """Open one image file and convert it; raises ValueError when it is not an image."""
+    """Open one image file and convert it; raises ValueError when it is not usable."""
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise ValueError(
+                    f"too large ({image.width}x{image.height}); at most {MAX_PIXELS:,} pixels"
+                )
+            image.draft("L", (4 * size, 4 * size))  # JPEGs decode small, cheaply
             image.load()
-            return to_mnist(image, size)
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                image = _to_8_bit(image)
+            image.thumbnail((16 * size, 16 * size))  # plenty for 28x28, and bounded memory
+            digit = to_mnist(image, size)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"not a readable image ({error})") from None
+    if digit.max() == 0:
+        raise ValueError("blank: no digit found")
+    return digit
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit and float images scaled to 0-255 (Pillow's own conversion clips them)."""
+    values = np.asarray(image, dtype=np.float64)
+    low, high = values.min(), values.max()
+    scaled = (values - low) * (255.0 / (high - low)) if high > low else values * 0
+    return Image.fromarray(scaled.astype(np.uint8))
 
 
 def read_folder(folder: Path, num_classes: int = 10, size: int = 28) -> Incoming:

@@ -119,4 +119,7 @@ def load_model(models_dir: Path) -> keras.Model:
     try:
         return keras.saving.load_model(path)
     except (OSError, ValueError) as error:
-        raise PipelineError(f"{path}: cannot load the model ({error})") from None
+        raise PipelineError(
+            f"{path}: cannot load the model ({error}); rerun the train stage "
+            "(dvc repro -f train) or restore it (dvc checkout)"
+        ) from None

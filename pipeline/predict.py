@@ -18,7 +18,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-from mlflow.exceptions import MlflowException
 
 from pipeline import config, incoming, registry, tracking
 from pipeline.errors import PipelineError
@@ -32,10 +31,14 @@ def load(cfg: config.PipelineConfig, version: str | None, alias: str) -> object:
     uri = f"models:/{name}/{version}" if version else registry.model_uri(cfg, alias)
     try:
         return mlflow.keras.load_model(uri)
-    except (MlflowException, OSError) as error:
+    except Exception as error:  # MLflow, Keras and the file system each raise their own
+        remedy = (
+            f"check the version numbers of {name} in the MLflow UI"
+            if version
+            else f"make a {alias} with `python -m pipeline.retrain`, or pass --version"
+        )
         raise PipelineError(
-            f"cannot load {uri} ({str(error).splitlines()[0]}); run "
-            "`python -m pipeline.retrain` to make a champion, or pass --version"
+            f"cannot load {uri} ({str(error).splitlines()[0]}); {remedy}"
         ) from None
 
 
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         cfg = config.load_params()
-        mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+        tracking.use_store(cfg)
         model = load(cfg, args.version, args.alias)
     except PipelineError as error:
         log.error("%s", error)

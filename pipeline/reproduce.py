@@ -69,6 +69,12 @@ def run(run_id: str) -> bool:
         original = mlflow.get_run(run_id)
     except MlflowException as error:
         raise PipelineError(f"run {run_id}: {error.message}") from None
+    missing = [name for name in COMPARED if name not in original.data.metrics]
+    if original.info.status != "FINISHED" or missing:
+        raise PipelineError(
+            f"run {run_id} ended {original.info.status} without {', '.join(missing) or 'all'} "
+            "of its test metrics: there is nothing to compare a rerun with"
+        )
     rerun_cfg = recorded_config(original)
     for warning in provenance_warnings(original, rerun_cfg):
         log.warning("%s", warning)

@@ -60,8 +60,7 @@ def exclusive_lock(path: Path = LOCK_FILE) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise RetrainLocked(
-                f"another retrain is running ({holder}); this one exits without changes. "
-                f"If no retrain runs, the lock is stale: remove {path}"
+                f"another retrain is running ({holder}); this one exits without changes"
             ) from None
         handle.seek(0)
         handle.truncate()
@@ -85,10 +84,15 @@ def repro() -> tuple[bool, list[str], str]:
         text=True,
     )
     lines = []
-    for line in process.stdout:
-        sys.stdout.write(line)
-        lines.append(line.rstrip())
-    process.wait()
+    try:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            lines.append(line.rstrip())
+        process.wait()
+    finally:
+        if process.poll() is None:  # interrupted: take the pipeline down too
+            process.terminate()
+            process.wait(timeout=120)
     stages = [line.split("'")[1] for line in lines if line.startswith("Running stage '")]
     return process.returncode == 0, stages, "\n".join(lines[-15:])
 
@@ -100,7 +104,14 @@ def test_metrics(cfg: PipelineConfig, alias: str) -> dict | None:
     version = registry.version_with_alias(cfg, alias)
     if version is None:
         return None
-    model = mlflow.keras.load_model(registry.model_uri(cfg, alias))
+    uri = registry.model_uri(cfg, alias)
+    try:
+        model = mlflow.keras.load_model(uri)
+    except Exception as error:  # MLflow, Keras and the file system each raise their own
+        raise PipelineError(
+            f"cannot load the {alias}, {uri} (version {version.version}): "
+            f"{str(error).splitlines()[0]}; restore its artifacts or move the alias"
+        ) from None
     images, labels = data.load_split(cfg.path(cfg.paths.processed_dir), "test")
     logits = model.predict(images.astype(np.float32), batch_size=1000, verbose=0)
     labels = labels.astype(np.int64)
@@ -159,6 +170,14 @@ def record(cfg: PipelineConfig, report: dict) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     path = cfg.path(cfg.paths.reports_dir) / "retrain" / f"{stamp}-{report['decision']}.json"
     files.write_json(path, report)
+    try:
+        _log_decision(cfg, report, stamp)
+    except Exception as error:  # the JSON report stands even when MLflow is down
+        log.warning("decision not recorded in MLflow (%s); the report is %s", error, path)
+    return path
+
+
+def _log_decision(cfg: PipelineConfig, report: dict, stamp: str) -> None:
     experiment = f"{cfg.tracking.experiment_name}-retrain"
     if mlflow.get_experiment_by_name(experiment) is None:
         location = tracking.local_path(cfg.tracking.artifact_dir).resolve().as_uri()
@@ -172,26 +191,17 @@ def record(cfg: PipelineConfig, report: dict) -> Path:
                     mlflow.log_metric(f"{role}/test_accuracy", report[role]["test_accuracy"])
                 mlflow.set_tag(f"{role}.version", report[role]["version"])
         mlflow.log_dict(report, "decision.json")
-    return path
 
 
-def retrain() -> str:
-    """Run the pipeline and decide about its model; return the decision."""
-    report: dict = {"started": datetime.now(UTC).isoformat(timespec="seconds")}
-    succeeded, stages, tail = repro()
-    report["stages_run"] = stages
-    cfg = config.load_params()
-    tracking.connect(cfg)
-    report |= {"margin": cfg.registry.margin, "floor": cfg.registry.floor}
-    report["incoming_rejected"] = incoming_rejected(cfg)
-
+def judge(cfg: PipelineConfig, report: dict, repro_failure: str | None) -> None:
+    """Fill in the decision, moving the champion alias when the challenger wins."""
     log.info("step 2: challenger against champion (%s)", cfg.registry.model_name)
     challenger_version = registry.version_with_alias(cfg, registry.CHALLENGER)
     champion_version = registry.version_with_alias(cfg, registry.CHAMPION)
     report["challenger"] = recorded_metrics(challenger_version)
     report["champion"] = recorded_metrics(champion_version)
-    if not succeeded:
-        report |= {"decision": "failed", "reason": f"dvc repro failed:\n{tail}"}
+    if repro_failure is not None:
+        report |= {"decision": "failed", "reason": f"dvc repro failed:\n{repro_failure}"}
     elif challenger_version is None:
         report |= {"decision": "failed", "reason": "the pipeline registered no model"}
     elif DECISION_TAG in challenger_version.tags or (
@@ -213,6 +223,22 @@ def retrain() -> str:
             cfg.registry.model_name, challenger_version.version, DECISION_TAG, report["decision"]
         )
 
+
+def retrain() -> str:
+    """Run the pipeline and decide about its model; return the decision."""
+    report: dict = {"started": datetime.now(UTC).isoformat(timespec="seconds")}
+    succeeded, stages, tail = repro()
+    report["stages_run"] = stages
+    cfg = PipelineConfig()  # where to report if params.yaml itself is the problem
+    try:
+        cfg = config.load_params()
+        report |= {"margin": cfg.registry.margin, "floor": cfg.registry.floor}
+        report["incoming_rejected"] = incoming_rejected(cfg)
+        tracking.connect(cfg)
+        judge(cfg, report, None if succeeded else tail)
+    except PipelineError as error:
+        report |= {"decision": "failed", "reason": str(error)}
+
     path = record(cfg, report)
     log.info("step 3: %s: %s (report %s)", report["decision"], report["reason"], path)
     return report["decision"]
@@ -221,6 +247,7 @@ def retrain() -> str:
 def main() -> int:
     """Command line: retrain under the lock; the exit status says what happened."""
     logging.basicConfig(level=logging.INFO, format=cli.LOG_FORMAT)
+    cli.exit_on_sigterm()
     try:
         with exclusive_lock():
             decision = retrain()

@@ -82,9 +82,11 @@ class MlflowSweep(Callback):
             [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
         )
         finished = [run for run in children if run.info.status == "FINISHED"]
-        failed = [run for run in children if run.info.status == "FAILED"]
-        client.log_metric(parent_id, "sweep/jobs", len(children))
-        client.log_metric(parent_id, "sweep/failed_jobs", len(failed))
+        # Every job has a folder; a job whose config was invalid never opened a run.
+        jobs = max(len(children), _job_folders(self.sweep_dir))
+        failed = jobs - len(finished)
+        client.log_metric(parent_id, "sweep/jobs", jobs)
+        client.log_metric(parent_id, "sweep/failed_jobs", failed)
         scored = [run for run in finished if math.isfinite(_objective(run))]
         if scored:
             best = max(scored, key=_objective)
@@ -106,12 +108,18 @@ class MlflowSweep(Callback):
         client.set_terminated(parent_id, status)
         log.info(
             "sweep: %d jobs, %d finished, %d failed; parent run %s %s",
-            len(children),
+            jobs,
             len(finished),
-            len(failed),
+            failed,
             parent_id,
             status,
         )
+
+
+def _job_folders(sweep_dir: Path | None) -> int:
+    if sweep_dir is None or not sweep_dir.is_dir():
+        return 0
+    return sum(1 for child in sweep_dir.iterdir() if child.is_dir() and child.name.isdigit())
 
 
 def _objective(run: mlflow.entities.Run) -> float:

@@ -23,6 +23,7 @@ import mlflow
 import yaml
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.config import PROJECT_ROOT, PipelineConfig
 from pipeline.errors import PipelineError
@@ -30,6 +31,7 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"  # in paths.models_dir: which MLflow run made the model
+CODE = ("--", ".", ":(exclude)dvc.lock", ":(exclude)reports")  # what git.dirty looks at
 PACKAGES = ("tensorflow-cpu", "keras", "mlflow", "dvc", "hydra-core", "numpy", "pandas")
 
 
@@ -72,11 +74,29 @@ def _check_server(uri: str) -> None:
         ) from None
 
 
-def connect(cfg: PipelineConfig) -> str:
-    """Point MLflow at the store and return the experiment id, creating it if needed."""
+def use_store(cfg: PipelineConfig) -> str:
+    """Point MLflow at the store, failing at once when its server is down; return its URI."""
     uri = tracking_uri(cfg)
     _check_server(uri)
     mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def check_run(run_id: str) -> None:
+    """Fail with a clear message when the store does not hold `run_id`."""
+    try:
+        mlflow.get_run(run_id)
+    except (MlflowException, SQLAlchemyError) as error:
+        raise TrackingError(
+            f"MLflow run {run_id} (from {RUN_FILE}) is not in the store "
+            f"{mlflow.get_tracking_uri()}: {str(error).splitlines()[0]}; "
+            "rerun the train stage (dvc repro -f train)"
+        ) from None
+
+
+def connect(cfg: PipelineConfig) -> str:
+    """Point MLflow at the store and return the experiment id, creating it if needed."""
+    uri = use_store(cfg)
     name = cfg.tracking.experiment_name
     try:
         experiment = mlflow.get_experiment_by_name(name)
@@ -91,6 +111,10 @@ def connect(cfg: PipelineConfig) -> str:
         return experiment.experiment_id
     except MlflowException as error:
         raise TrackingError(f"MLflow store {uri}: {error.message}") from None
+    except SQLAlchemyError as error:
+        raise TrackingError(
+            f"MLflow store {uri} cannot be used: {str(error).splitlines()[0]}"
+        ) from None
 
 
 def _git(*args: str) -> str:
@@ -125,7 +149,8 @@ def run_tags(cfg: PipelineConfig) -> dict[str, str]:
     """Tags that say what made a run: code revision, data hashes, package versions."""
     tags = {
         "git.commit": _git("rev-parse", "HEAD") or "unknown",
-        "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))),
+        # Code and config only: `dvc repro` itself rewrites dvc.lock and the reports.
+        "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no", *CODE))),
         **dvc_hashes(),
         **cfg.tracking.tags,
     }

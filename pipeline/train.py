@@ -48,6 +48,17 @@ def seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
+def check_data(cfg: PipelineConfig, images: np.ndarray, labels: np.ndarray) -> None:
+    """Fail clearly when the prepared data does not match `data.image_size`/`num_classes`."""
+    size, classes = cfg.data.image_size, cfg.data.num_classes
+    if images.shape[1:] != (size, size) or (len(labels) and labels.max() >= classes):
+        raise PipelineError(
+            f"{cfg.paths.processed_dir} holds {images.shape[1]}x{images.shape[2]} images "
+            f"with labels up to {labels.max()}, but data.image_size is {size} and "
+            f"data.num_classes {classes}; rerun the preprocess stage (dvc repro)"
+        )
+
+
 def callbacks(
     cfg: PipelineConfig,
     run_id: str,
@@ -146,6 +157,7 @@ def run(cfg: PipelineConfig) -> float:
         seed=cfg.seed,
     )
     val_set = data.dataset(val_images, val_labels, cfg.train.batch_size)
+    check_data(cfg, train_images, train_labels)
     steps_per_epoch = math.ceil(len(train_images) / cfg.train.batch_size)
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     epochs = math.ceil(total_steps / steps_per_epoch)

@@ -95,6 +95,17 @@ def test_an_unknown_key_in_a_params_file_is_named(tmp_path: Path) -> None:
             "model.kernel_initializer: must be one of glorot_uniform, he_normal, "
             "truncated_normal, got 'zeros'",
         ),
+        # A folder that a stage would replace must not be the project or hold others.
+        (
+            "paths.processed_dir=.",
+            "paths.processed_dir: must name a folder below the project "
+            "(no '.', '..' or empty), got '.'",
+        ),
+        (
+            "paths.processed_dir=data",
+            "paths.processed_dir: must not contain paths.raw_dir (data/raw), got 'data'",
+        ),
+        ("seed=-1", "seed: must be in [0, 2**32), got -1"),
     ],
     ids=[
         "negative-lr",
@@ -103,6 +114,9 @@ def test_an_unknown_key_in_a_params_file_is_named(tmp_path: Path) -> None:
         "upper-case-sha256",
         "no-retries",
         "initializer",
+        "project-as-output",
+        "parent-as-output",
+        "negative-seed",
     ],
 )
 def test_an_impossible_value_is_named(override: str, message: str) -> None:
@@ -265,3 +279,20 @@ def test_flatten_gives_one_dotted_key_per_leaf() -> None:
     )
     # One per leaf of params.yaml: 3 mirrors, 2 filter counts, 4 x 2 file fields, ...
     assert len(flat) == 56
+
+
+def test_an_output_folder_holding_folders_is_never_replaced(tmp_path: Path) -> None:
+    from pipeline import files
+    from pipeline.errors import PipelineError
+
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "keep.gz").write_bytes(b"earlier")
+
+    with (
+        pytest.raises(PipelineError, match="holds folders, so it is not an output folder"),
+        files.staged_dir(tmp_path) as staging,
+    ):
+        (staging / "new.npz").write_bytes(b"new")
+
+    assert (tmp_path / "raw" / "keep.gz").read_bytes() == b"earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]

@@ -80,6 +80,25 @@ def test_incoming_folder_keeps_digits_and_names_every_rejected_file(tmp_path):
     assert new.rejected["3/broken.png"].startswith("not a readable image")
 
 
+def test_blank_and_oversized_images_are_rejected_by_name(tmp_path):
+    Image.new("L", (60, 60), color=255).save(tmp_path / "blank.png")
+    Image.new("L", (8000, 8000)).save(tmp_path / "huge.png")  # 64 million pixels
+
+    with pytest.raises(ValueError, match="blank: no digit found"):
+        incoming.read_image(tmp_path / "blank.png")
+    with pytest.raises(ValueError, match=r"too large \(8000x8000\)"):
+        incoming.read_image(tmp_path / "huge.png")
+
+
+def test_a_16_bit_scan_is_scaled_not_clipped(tmp_path):
+    images, _ = slice_digits("t10k", 1)
+    Image.fromarray(images[0].astype(np.uint16) * 257).save(tmp_path / "deep.png")
+
+    converted = incoming.read_image(tmp_path / "deep.png")
+
+    assert np.abs(converted.astype(int) - images[0].astype(int)).mean() < 20
+
+
 def _decision(
     accuracy: float, champion: float | None, margin: float = 0.001, status: str = "FINISHED"
 ) -> str:
