@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = _parse_args(argv)
     try:
+        if args.sweep is not None and not args.sweep.strip():
+            raise PipelineError("--sweep: empty; give the sweep's parent run id")
         tags = dict(_split_tag(tag) for tag in args.tag)
         cfg = config.load_params()
         tracking.use_store(cfg)
