@@ -48,8 +48,8 @@ class TensorBoardSummaries(keras.callbacks.Callback):
         self.every_n_steps = every_n_steps
         self.histogram_every_n_epochs = histogram_every_n_epochs
         self.step = 0
-        self.val_batches: list[tuple[np.ndarray, np.ndarray]] = []
-        self.val_every_n_steps = 0
+        self.val_images = self.val_labels = None
+        self.val_batch_size = self.val_every_n_steps = 0
 
     def watch_validation(
         self, images: np.ndarray, labels: np.ndarray, batch_size: int, every_n_steps: int
@@ -59,14 +59,8 @@ class TensorBoardSummaries(keras.callbacks.Callback):
         As the tutorial did: its validation curve came from a batch, not the whole split.
         The batches are taken in turn, so the curve covers the whole split over time.
         """
-        self.val_batches = [
-            (
-                images[start : start + batch_size].astype(np.float32),
-                labels[start : start + batch_size],
-            )
-            for start in range(0, len(images), batch_size)
-        ]
-        self.val_every_n_steps = every_n_steps
+        self.val_images, self.val_labels = images, labels
+        self.val_batch_size, self.val_every_n_steps = batch_size, every_n_steps
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self.layers = [layer for layer in self.model.layers if layer.weights]
@@ -106,9 +100,10 @@ class TensorBoardSummaries(keras.callbacks.Callback):
         self.val_writer.close()
 
     def _write_validation_batch(self) -> None:
-        images, labels = self.val_batches[
-            (self.step // self.val_every_n_steps - 1) % len(self.val_batches)
-        ]
+        batches = -(-len(self.val_images) // self.val_batch_size)
+        start = (self.step // self.val_every_n_steps - 1) % batches * self.val_batch_size
+        images = self.val_images[start : start + self.val_batch_size].astype(np.float32)
+        labels = self.val_labels[start : start + self.val_batch_size]
         logits = self.model(images, training=False)
         loss = keras.ops.mean(
             keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
