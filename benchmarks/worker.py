@@ -289,7 +289,9 @@ class PipelineRun:
             self.steps_per_epoch * cfg.train.epochs
         )
         self.model = build_model(cfg.model, cfg.data.image_size, cfg.data.num_classes)
-        compile_model(self.model, cfg.optimizer, self.total_steps)
+        self.schedule = compile_model(
+            self.model, cfg.optimizer, self.total_steps, self.steps_per_epoch
+        )
 
     def callbacks(self, folder: Path, tracking: bool) -> tuple[list[Any], list[Any]]:
         """The train stage's callbacks, split into (others, tracking).
@@ -311,7 +313,8 @@ class PipelineRun:
             self.cfg, run_id, folder / "tensorboard", self.val_images, self.val_labels
         )
         kinds = (summaries.TensorBoardSummaries, summaries.MlflowMetrics)
-        others = [callback for callback in stage_callbacks if not isinstance(callback, kinds)]
+        others = [self.schedule]
+        others += [callback for callback in stage_callbacks if not isinstance(callback, kinds)]
         tracked = [callback for callback in stage_callbacks if isinstance(callback, kinds)]
         return others, tracked if tracking else []
 

@@ -129,7 +129,9 @@ class OptimizerConfig:
     lr: float = 3e-3  # peak learning rate
     schedule: str = "warmup_cosine"  # one of SCHEDULES
     warmup_steps: int = 100  # linear warm-up from 0 to lr (warmup_cosine only)
-    final_lr_fraction: float = 0.0  # cosine decays to lr * this at the last step
+    restart_epochs: float = 1.0  # the first cosine ends here; 0: one cosine to the end
+    restart_lr_fraction: float = 0.33  # the second cosine starts at lr * this
+    final_lr_fraction: float = 0.0  # each cosine decays to lr * this
 
     def __post_init__(self) -> None:
         _require(self.name == "adam", "optimizer.name", "must be adam", self.name)
@@ -147,6 +149,18 @@ class OptimizerConfig:
         )
         _require(
             self.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0", self.warmup_steps
+        )
+        _require(
+            math.isfinite(self.restart_epochs) and self.restart_epochs >= 0,
+            "optimizer.restart_epochs",
+            "must be >= 0 (0: no restart)",
+            self.restart_epochs,
+        )
+        _require(
+            0.0 < self.restart_lr_fraction <= 1.0,
+            "optimizer.restart_lr_fraction",
+            "must be in (0, 1]",
+            self.restart_lr_fraction,
         )
         _require(
             0.0 <= self.final_lr_fraction <= 1.0,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -49,19 +51,56 @@ def build_model(cfg: ModelConfig, image_size: int = 28, num_classes: int = 10) -
 
 
 def learning_rate(
-    cfg: OptimizerConfig, total_steps: int
-) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """A constant rate, or a linear warm-up to `lr` followed by a cosine decay."""
+    cfg: OptimizerConfig, total_steps: int, steps_per_epoch: int
+) -> Callable[[int], float]:
+    """The rate at each optimizer step: constant, or a warm-up then one or two cosines.
+
+    warmup_cosine rises linearly from 0 to `lr` over `warmup_steps`, then follows a
+    cosine down to `lr * final_lr_fraction` at the end of `restart_epochs` epochs. If
+    steps remain, it restarts once at `lr * restart_lr_fraction` and follows a second
+    cosine down to the same floor at the last step. The first cosine brings the model
+    to its first good accuracy within one epoch; the second, lower one refines it.
+    """
     if cfg.schedule == "constant":
-        return cfg.lr
-    warmup_steps = min(cfg.warmup_steps, total_steps)
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0,
-        warmup_target=cfg.lr,
-        warmup_steps=warmup_steps,
-        decay_steps=max(1, total_steps - warmup_steps),
-        alpha=cfg.final_lr_fraction,
-    )
+        return lambda step: cfg.lr
+    warmup = min(cfg.warmup_steps, total_steps)
+    restart = round(cfg.restart_epochs * steps_per_epoch) or total_steps
+    restart = min(max(restart, warmup), total_steps)
+    floor = cfg.lr * cfg.final_lr_fraction
+
+    def cosine(peak: float, done: int, length: int) -> float:
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * done / length))
+
+    def rate(step: int) -> float:
+        step = min(step, total_steps)  # past the end (train.max_steps stops mid-epoch)
+        if step < warmup:
+            return cfg.lr * step / warmup
+        if step < restart or restart == total_steps:
+            return cosine(cfg.lr, step - warmup, max(1, restart - warmup))
+        return cosine(cfg.lr * cfg.restart_lr_fraction, step - restart, total_steps - restart)
+
+    return rate
+
+
+class ScheduledRate(keras.callbacks.Callback):
+    """Set the optimizer's learning rate before every training step.
+
+    A callback rather than a Keras LearningRateSchedule: a schedule object is saved
+    with the model and a custom one would make the file unloadable without this
+    package (by `mlflow models serve`, for one). The saved model keeps a plain rate.
+    """
+
+    def __init__(self, rate: Callable[[int], float]):
+        super().__init__()
+        self.rate = rate
+        self.step = 0
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.step = int(self.model.optimizer.iterations)
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self.model.optimizer.learning_rate = self.rate(self.step)
+        self.step += 1
 
 
 def _fused_adam_step(
@@ -90,7 +129,7 @@ def _fused_adam_step(
     )
 
 
-def adam(rate: float | keras.optimizers.schedules.LearningRateSchedule) -> keras.optimizers.Adam:
+def adam(rate: float) -> keras.optimizers.Adam:
     """Keras's Adam, its update run by TensorFlow's fused kernel."""
     optimizer = keras.optimizers.Adam(rate)
     # Keras updates a variable in six element-wise passes over memory; the fused kernel
@@ -102,13 +141,20 @@ def adam(rate: float | keras.optimizers.schedules.LearningRateSchedule) -> keras
     return optimizer
 
 
-def compile_model(model: keras.Model, cfg: OptimizerConfig, total_steps: int) -> None:
-    """Attach Adam, the softmax cross-entropy on logits, and accuracy."""
+def compile_model(
+    model: keras.Model, cfg: OptimizerConfig, total_steps: int, steps_per_epoch: int
+) -> ScheduledRate:
+    """Attach Adam, the softmax cross-entropy on logits, and accuracy.
+
+    Returns the callback that applies the learning-rate schedule: pass it to `fit`.
+    """
+    rate = learning_rate(cfg, total_steps, steps_per_epoch)
     model.compile(
-        optimizer=adam(learning_rate(cfg, total_steps)),
+        optimizer=adam(rate(0)),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
+    return ScheduledRate(rate)
 
 
 def load_model(models_dir: Path) -> keras.Model:

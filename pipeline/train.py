@@ -170,7 +170,7 @@ def run(cfg: PipelineConfig) -> float:
     )
 
     model = build_model(cfg.model, cfg.data.image_size, cfg.data.num_classes)
-    compile_model(model, cfg.optimizer, total_steps)
+    schedule = compile_model(model, cfg.optimizer, total_steps, steps_per_epoch)
     log.info("model: %s, %d parameters", cfg.model.name, model.count_params())
 
     experiment_id = tracking.connect(cfg)
@@ -191,7 +191,7 @@ def run(cfg: PipelineConfig) -> float:
             train_set,
             validation_data=val_set,
             epochs=epochs,
-            callbacks=[nan_guard, *others],
+            callbacks=[schedule, nan_guard, *others],
             shuffle=False,
             verbose=2,
         )

@@ -106,6 +106,14 @@ def test_an_unknown_key_in_a_params_file_is_named(tmp_path: Path) -> None:
             "paths.processed_dir: must not contain paths.raw_dir (data/raw), got 'data'",
         ),
         ("seed=-1", "seed: must be in [0, 2**32), got -1"),
+        (
+            "optimizer.restart_epochs=-1",
+            "optimizer.restart_epochs: must be >= 0 (0: no restart), got -1.0",
+        ),
+        (
+            "optimizer.restart_lr_fraction=0",
+            "optimizer.restart_lr_fraction: must be in (0, 1], got 0.0",
+        ),
     ],
     ids=[
         "negative-lr",
@@ -117,6 +125,8 @@ def test_an_unknown_key_in_a_params_file_is_named(tmp_path: Path) -> None:
         "project-as-output",
         "parent-as-output",
         "negative-seed",
+        "negative-restart",
+        "restart-at-zero",
     ],
 )
 def test_an_impossible_value_is_named(override: str, message: str) -> None:
@@ -278,7 +288,7 @@ def test_flatten_gives_one_dotted_key_per_leaf() -> None:
         "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"
     )
     # One per leaf of params.yaml: 3 mirrors, 2 filter counts, 4 x 2 file fields, ...
-    assert len(flat) == 56
+    assert len(flat) == 58
 
 
 def test_an_output_folder_holding_folders_is_never_replaced(tmp_path: Path) -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import zipfile
+
+import keras
 import numpy as np
 import pytest
 
 from pipeline.config import ModelConfig, OptimizerConfig
-from pipeline.model import build_model, learning_rate
+from pipeline.model import build_model, compile_model, learning_rate
 
 # (name, output shape without the batch axis, parameter count) of the tutorial CNN
 TUTORIAL_LAYERS = [
@@ -58,13 +62,64 @@ def test_truncated_normal_initialiser_matches_the_tutorial():
     ("step", "expected"),
     [(0, 0.0), (50, 0.0015), (100, 0.003), (550, 0.0015), (1000, 0.0)],
 )
-def test_warmup_cosine_schedule(step, expected):
-    cfg = OptimizerConfig(lr=0.003, schedule="warmup_cosine", warmup_steps=100)
+def test_warmup_cosine_without_restart(step, expected):
+    cfg = OptimizerConfig(lr=0.003, warmup_steps=100, restart_epochs=0)
 
-    schedule = learning_rate(cfg, total_steps=1000)
+    rate = learning_rate(cfg, total_steps=1000, steps_per_epoch=100)
 
-    assert float(schedule(step)) == pytest.approx(expected, abs=1e-6)
+    assert rate(step) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [
+        (0, 0.0),
+        (100, 0.003),
+        (325, 0.0015),  # halfway down the first cosine
+        (549, 0.003 * 0.5 * (1 + np.cos(np.pi * 449 / 450))),
+        (550, 0.00099),  # the restart, at lr * 0.33, one epoch in
+        (1100, 0.000495),
+        (1649, 0.00099 * 0.5 * (1 + np.cos(np.pi * 1099 / 1100))),
+    ],
+)
+def test_warmup_cosine_restarts_after_one_epoch(step, expected):
+    cfg = OptimizerConfig(lr=0.003, warmup_steps=100, restart_epochs=1, restart_lr_fraction=0.33)
+
+    rate = learning_rate(cfg, total_steps=1650, steps_per_epoch=550)
+
+    assert rate(step) == pytest.approx(expected, abs=1e-9)
+
+
+def test_a_run_of_one_epoch_has_no_restart():
+    cfg = OptimizerConfig(lr=0.003, warmup_steps=100, restart_epochs=1)
+
+    rate = learning_rate(cfg, total_steps=550, steps_per_epoch=550)
+
+    assert rate(549) == pytest.approx(0.003 * 0.5 * (1 + np.cos(np.pi * 449 / 450)))
 
 
 def test_constant_schedule_is_the_configured_rate():
-    assert learning_rate(OptimizerConfig(lr=1e-4, schedule="constant"), 1000) == 1e-4
+    rate = learning_rate(OptimizerConfig(lr=1e-4, schedule="constant"), 1000, 100)
+
+    assert [rate(0), rate(999)] == [1e-4, 1e-4]
+
+
+def test_training_follows_the_schedule_and_saves_a_plain_rate(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    cfg = OptimizerConfig(lr=0.003, warmup_steps=2, restart_epochs=1, restart_lr_fraction=0.5)
+    schedule = compile_model(model, cfg, total_steps=8, steps_per_epoch=4)
+    rates = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: rates.append(float(model.optimizer.learning_rate))
+    )
+
+    images, labels = np.zeros((32, 3), "float32"), np.zeros(32, "int64")
+    model.fit(images, labels, batch_size=8, epochs=2, callbacks=[schedule, record], verbose=0)
+    model.save(tmp_path / "model.keras")
+
+    expected = [learning_rate(cfg, 8, 4)(step) for step in range(8)]
+    assert rates == pytest.approx(expected, rel=1e-6)
+    assert rates[2] == pytest.approx(0.003) and rates[4] == pytest.approx(0.0015)
+    saved = json.loads(zipfile.ZipFile(tmp_path / "model.keras").read("config.json"))
+    # A plain number, not a schedule object: the file loads without this package.
+    assert isinstance(saved["compile_config"]["optimizer"]["config"]["learning_rate"], float)
