@@ -77,6 +77,8 @@ class TensorBoardSummaries(keras.callbacks.Callback):
             with self.train_writer.as_default():
                 tf.summary.scalar("batch_loss", float(logs["loss"]), step=self.step)
                 tf.summary.scalar("batch_accuracy", float(logs["accuracy"]), step=self.step)
+                rate = float(self.model.optimizer.learning_rate)  # of the step just taken
+                tf.summary.scalar("batch_learning_rate", rate, step=self.step)
         if self.val_every_n_steps and self.step % self.val_every_n_steps == 0:
             self._write_validation_batch()
 
@@ -170,6 +172,8 @@ class MlflowMetrics(keras.callbacks.Callback):
         if logs and self.step % self.every_n_steps == 0:
             self.pending.append(("train/batch_loss", float(logs["loss"]), self.step))
             self.pending.append(("train/batch_accuracy", float(logs["accuracy"]), self.step))
+            rate = float(self.model.optimizer.learning_rate)  # of the step just taken
+            self.pending.append(("train/batch_learning_rate", rate, self.step))
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs or {}

@@ -13,6 +13,9 @@ from conftest import copy_project, run_in
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util import tensor_util
 
+from pipeline.config import OptimizerConfig
+from pipeline.model import learning_rate
+
 EPOCHS = 2
 STEPS_PER_EPOCH = 12  # 1,200 training images in batches of 100
 LOG_EVERY = 5  # train.log_every_n_steps
@@ -99,6 +102,12 @@ def test_mlflow_run_is_finished_with_params_metrics_and_artifacts(reproduced, fi
     batch_points = client.get_metric_history(run.info.run_id, "train/batch_loss")
     expected_steps = list(range(LOG_EVERY, STEPS_PER_EPOCH * EPOCHS + 1, LOG_EVERY))
     assert sorted(point.step for point in batch_points) == expected_steps
+    # The rate of each logged step, as the schedule gives it (all warm-up on the slice).
+    rate = learning_rate(OptimizerConfig(), STEPS_PER_EPOCH * EPOCHS, STEPS_PER_EPOCH)
+    rates = client.get_metric_history(run.info.run_id, "train/batch_learning_rate")
+    assert sorted((point.step, point.value) for point in rates) == [
+        (step, pytest.approx(rate(step - 1))) for step in expected_steps
+    ]
 
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "tensorboard", "train", "eval", "metrics.json"} <= artifacts
@@ -129,9 +138,8 @@ def test_tensorboard_has_histograms_of_every_layer(reproduced):
             assert train_steps[f"{layer}/{kind}"] == list(range(EPOCHS + 1)), (layer, kind)
     assert train_steps["input/samples"] == [0]
     assert {"histograms", "images", "scalars", "graph_run_metadata_graph"} <= plugins
-    assert train_steps["batch_loss"] == list(
-        range(LOG_EVERY, STEPS_PER_EPOCH * EPOCHS + 1, LOG_EVERY)
-    )
+    for tag in ("batch_loss", "batch_learning_rate"):
+        assert train_steps[tag] == list(range(LOG_EVERY, STEPS_PER_EPOCH * EPOCHS + 1, LOG_EVERY))
     # Each histogram holds every value once: conv1 has 5 x 5 x 1 x 32 weights.
     for path in (runs[0] / "train").glob("events.out.tfevents.*"):
         for event in EventFileLoader(str(path)).Load():
