@@ -28,8 +28,24 @@ def model_uri(cfg: PipelineConfig, alias: str = CHAMPION) -> str:
 
 
 def register(cfg: PipelineConfig, run_id: str, tags: dict[str, str]) -> ModelVersion:
-    """Register the model that `run_id` logged as a new version, alias it `challenger`."""
+    """Register the model that `run_id` logged as a new version, alias it `challenger`.
+
+    A run is registered once: evaluating it again (new evaluate parameters, a forced
+    `dvc repro`) updates the tags of its version instead of adding a version that a
+    retrain would then judge against itself.
+    """
     client = mlflow.MlflowClient()
+    name = cfg.registry.model_name
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        version = existing[0]
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version.version, key, value)
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
+        log.info(
+            "%s version %s (run %s) is again the %s", name, version.version, run_id, CHALLENGER
+        )
+        return version
     run = client.get_run(run_id)
     models = client.search_logged_models(
         experiment_ids=[run.info.experiment_id],
@@ -37,7 +53,6 @@ def register(cfg: PipelineConfig, run_id: str, tags: dict[str, str]) -> ModelVer
     )
     if not models:
         raise PipelineError(f"MLflow run {run_id} logged no model; rerun the train stage")
-    name = cfg.registry.model_name
     try:
         client.get_registered_model(name)
     except MlflowException:

@@ -20,10 +20,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import SLICE_DIR, copy_project, run_in
+from conftest import SLICE_DIR, copy_project, make_config, run_in
 from PIL import Image
 
-from pipeline import idx, incoming, retrain
+from pipeline import idx, incoming, registry, retrain
 
 SLICE_PARAMS = [
     "data=mnist_slice",
@@ -102,8 +102,6 @@ def test_a_16_bit_scan_is_scaled_not_clipped(tmp_path):
 def _decision(
     accuracy: float, champion: float | None, margin: float = 0.001, status: str = "FINISHED"
 ) -> str:
-    from conftest import make_config
-
     cfg = make_config(Path("/nonexistent"), f"registry.margin={margin}", "registry.floor=0.99")
     challenger = {"test_accuracy": accuracy, "test_loss": 0.1, "run_status": status}
     holder = None if champion is None else {"test_accuracy": champion}
@@ -117,6 +115,32 @@ def test_promotion_rule_needs_the_floor_and_more_than_the_margin():
     assert _decision(0.9925, 0.9920) == "rejected"  # +0.0005 is not enough
     assert _decision(0.9920, 0.9920, margin=0.0) == "rejected"  # equal is not better
     assert _decision(0.9990, 0.9920, status="FAILED") == "rejected"
+
+
+class _Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input: list[float]) -> list[float]:
+        return model_input
+
+
+def test_evaluating_a_run_again_reuses_its_model_version(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    location = (tmp_path / "mlartifacts").as_uri()
+    experiment_id = mlflow.create_experiment("registry", artifact_location=location)
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.pyfunc.log_model(name="model", python_model=_Echo())
+    cfg = make_config(tmp_path)
+    client = mlflow.MlflowClient()
+
+    first = registry.register(cfg, run.info.run_id, {"test_accuracy": "0.9901"})
+    registry.promote(cfg, first.version)
+    again = registry.register(cfg, run.info.run_id, {"test_accuracy": "0.9902"})
+
+    versions = client.search_model_versions(f"name = '{cfg.registry.model_name}'")
+    assert [version.version for version in versions] == [first.version] == [again.version]
+    assert versions[0].tags["test_accuracy"] == "0.9902"
+    # Challenger and champion are then the same version: a retrain skips it.
+    for alias in (registry.CHALLENGER, registry.CHAMPION):
+        assert registry.version_with_alias(cfg, alias).version == first.version
 
 
 def test_a_held_lock_refuses_a_second_retrain(tmp_path):
