@@ -283,10 +283,9 @@ class PipelineRun:
             shuffle_buffer=cfg.train.shuffle_buffer,
             seed=cfg.seed,
         )
-        self.steps_per_epoch = -(-len(self.train_images) // cfg.train.batch_size)
-        # As the train stage: train.max_steps, when set, replaces train.epochs.
-        self.total_steps = getattr(cfg.train, "max_steps", 0) or (
-            self.steps_per_epoch * cfg.train.epochs
+        train.check_data(cfg, self.train_images, train_labels)
+        self.steps_per_epoch, self.total_steps, self.epochs = train.step_counts(
+            cfg, len(self.train_images)
         )
         self.model = build_model(cfg.model, cfg.data.image_size, cfg.data.num_classes)
         self.schedule = compile_model(
@@ -352,7 +351,6 @@ def pipeline_throughput(spec: dict) -> dict:
         "total_steps": run.total_steps,
         "hook_seconds": dict(hook_seconds),
         "flops": training_flops(run.model),
-        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 
@@ -384,7 +382,6 @@ def time_to_accuracy(spec: dict) -> dict:
     test_images, test_labels = data.load_split(Path(spec["data_dir"]), "test")
     accuracy = test_accuracy_probe(run.model, test_images, test_labels, 1000)
     every, target = spec["every_n_steps"], spec["target"]
-    max_steps = spec.get("max_steps", 0)  # 0: the whole schedule
 
     class Probe(keras.callbacks.Callback):
         def __init__(self) -> None:
@@ -405,7 +402,7 @@ def time_to_accuracy(spec: dict) -> dict:
             self.curve.append((self.step, value, paused - self.started - self.evaluating))
             self.evaluating += time.perf_counter() - paused
             log("step %d: test accuracy %.4f", self.step, value)
-            if value >= target or self.step == max_steps:
+            if value >= target:
                 self.model.stop_training = True
 
     probe = Probe()
@@ -413,7 +410,7 @@ def time_to_accuracy(spec: dict) -> dict:
         others, _ = run.callbacks(Path(folder), tracking=False)
         run.model.fit(
             run.train_set,
-            epochs=-(-run.total_steps // run.steps_per_epoch),
+            epochs=run.epochs,
             callbacks=[*others, probe],
             shuffle=False,
             verbose=2,
@@ -425,9 +422,10 @@ def time_to_accuracy(spec: dict) -> dict:
         "batch_size": run.cfg.train.batch_size,
         "steps": reached[0][0] if reached else None,
         "seconds": reached[0][2] if reached else None,
-        "max_steps": run.total_steps,
+        "total_steps": run.total_steps,
+        "steps_per_epoch": run.steps_per_epoch,
+        "every_n_steps": every,
         "eval_seconds": probe.evaluating,
-        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 

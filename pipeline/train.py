@@ -59,6 +59,17 @@ def check_data(cfg: PipelineConfig, images: np.ndarray, labels: np.ndarray) -> N
         )
 
 
+def step_counts(cfg: PipelineConfig, train_count: int) -> tuple[int, int, int]:
+    """Steps per epoch, optimizer steps in all, and Keras epochs to run them in.
+
+    `train.max_steps`, when set, replaces `train.epochs` and may end part-way through
+    the last epoch.
+    """
+    steps_per_epoch = math.ceil(train_count / cfg.train.batch_size)
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    return steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch)
+
+
 def callbacks(
     cfg: PipelineConfig,
     run_id: str,
@@ -158,9 +169,7 @@ def run(cfg: PipelineConfig) -> float:
     )
     val_set = data.dataset(val_images, val_labels, cfg.train.batch_size)
     check_data(cfg, train_images, train_labels)
-    steps_per_epoch = math.ceil(len(train_images) / cfg.train.batch_size)
-    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
-    epochs = math.ceil(total_steps / steps_per_epoch)
+    steps_per_epoch, total_steps, epochs = step_counts(cfg, len(train_images))
     log.info(
         "data: %d train and %d validation images, %d steps per epoch, %d steps",
         len(train_images),
