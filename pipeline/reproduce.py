@@ -109,6 +109,7 @@ def run(run_id: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Command line: one run id; exit 0 when the rerun matches."""
     logging.basicConfig(level=logging.INFO, format=cli.LOG_FORMAT)
+    cli.exit_on_sigterm()  # a killed rerun ends its MLflow run FAILED, not RUNNING
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         sys.exit("usage: python -m pipeline.reproduce <MLflow run id>")

@@ -7,7 +7,7 @@
 2. Runs `dvc repro`: only what changed reruns (new digits in `data/incoming`, code,
    parameters); the evaluate stage registers a new model as the `challenger`.
 3. Compares the challenger with the `champion` on the same test split and moves the
-   champion alias to it only when its test accuracy is above `registry.floor` and
+   champion alias to it only when its test accuracy is at least `registry.floor` and
    higher than the champion's by more than `registry.margin`. The first model becomes
    champion when it passes the floor. A failed run never registers a challenger.
 4. Writes the decision with both models' metrics to `reports/retrain/` as JSON and

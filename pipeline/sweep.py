@@ -22,7 +22,7 @@ import mlflow
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import config, tracking
+from pipeline import config, files, tracking
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,8 @@ class MlflowSweep(Callback):
         run_name = f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
         parent = mlflow.MlflowClient().create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.parent_id = parent.info.run_id
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        (self.sweep_dir / PARENT_FILE).write_text(
-            json.dumps({"run_id": self.parent_id, "run_name": run_name}), encoding="utf-8"
+        files.write_json(
+            self.sweep_dir / PARENT_FILE, {"run_id": self.parent_id, "run_name": run_name}
         )
         # A failed job makes Hydra's basic sweeper raise once the batch is done, and then
         # on_multirun_end never comes: the parent must still end, and not as RUNNING.
