@@ -90,12 +90,17 @@ def test_warmup_cosine_restarts_after_one_epoch(step, expected):
     assert rate(step) == pytest.approx(expected, abs=1e-9)
 
 
-def test_a_run_of_one_epoch_has_no_restart():
-    cfg = OptimizerConfig(lr=0.003, warmup_steps=100, restart_epochs=1)
+@pytest.mark.parametrize("restart_epochs", [1, 2])
+def test_a_run_that_ends_before_the_restart_has_one_cosine(restart_epochs):
+    cfg = OptimizerConfig(lr=0.003, warmup_steps=100, restart_epochs=restart_epochs)
+    single = OptimizerConfig(lr=0.003, warmup_steps=100, restart_epochs=0)
 
     rate = learning_rate(cfg, total_steps=550, steps_per_epoch=550)
+    expected = learning_rate(single, total_steps=550, steps_per_epoch=550)
 
+    assert [rate(step) for step in range(552)] == [expected(step) for step in range(552)]
     assert rate(549) == pytest.approx(0.003 * 0.5 * (1 + np.cos(np.pi * 449 / 450)))
+    assert rate(550) == 0.0
 
 
 def test_constant_schedule_is_the_configured_rate():

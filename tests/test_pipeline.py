@@ -13,7 +13,7 @@ from conftest import copy_project, run_in
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util import tensor_util
 
-from pipeline.config import OptimizerConfig
+from pipeline import config
 from pipeline.model import learning_rate
 
 EPOCHS = 2
@@ -103,7 +103,8 @@ def test_mlflow_run_is_finished_with_params_metrics_and_artifacts(reproduced, fi
     expected_steps = list(range(LOG_EVERY, STEPS_PER_EPOCH * EPOCHS + 1, LOG_EVERY))
     assert sorted(point.step for point in batch_points) == expected_steps
     # The rate of each logged step, as the schedule gives it (all warm-up on the slice).
-    rate = learning_rate(OptimizerConfig(), STEPS_PER_EPOCH * EPOCHS, STEPS_PER_EPOCH)
+    optimizer = config.load_params(reproduced["project"] / "params.yaml").optimizer
+    rate = learning_rate(optimizer, STEPS_PER_EPOCH * EPOCHS, STEPS_PER_EPOCH)
     rates = client.get_metric_history(run.info.run_id, "train/batch_learning_rate")
     assert sorted((point.step, point.value) for point in rates) == [
         (step, pytest.approx(rate(step - 1))) for step in expected_steps
