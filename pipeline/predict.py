@@ -57,10 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alias", default=registry.CHAMPION, help="default: champion")
     args = parser.parse_args(argv)
 
+    try:
+        cfg = config.load_params()
+    except PipelineError as error:
+        log.error("%s", error)
+        return 1
     images, names, failed = [], [], False
     for path in args.images:
         try:
-            images.append(incoming.read_image(path))
+            images.append(incoming.read_image(path, cfg.data.image_size))
             names.append(path)
         except ValueError as error:
             log.error("%s: %s", path, error)
@@ -68,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     if not images:
         return 1
     try:
-        cfg = config.load_params()
         tracking.use_store(cfg)
         model = load(cfg, args.version, args.alias)
     except PipelineError as error:

@@ -28,7 +28,10 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The slice downloaded and preprocessed once, for every sweep here."""
     root = tmp_path_factory.mktemp("prepared")
     cfg = make_config(root)
-    download.run(cfg)
+    # Module fixtures are set up before the autouse cleaner: clean here too.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MNIST_MIRROR", raising=False)
+        download.run(cfg)
     preprocess.run(cfg)
     return root
 
