@@ -238,28 +238,32 @@ def load_config(overrides: list[str]) -> Any:
 
 
 def training_flops(model: Any) -> list[dict]:
-    """Multiply-adds per image of every conv and dense layer, read off the built model.
+    """Multiply-adds per image of every layer with a kernel, read off the built model.
 
-    Pooling, biases and activations are left out: together they are well under 1% of the
-    work. A training step costs about three forward passes: the forward pass, the
-    gradient with respect to the inputs and the gradient with respect to the weights.
+    Each output value of a conv or dense layer takes one multiply-add per weight it
+    sees, so a layer costs its output positions times its kernel's size, whatever the
+    kernel's layout (conv1 is a depthwise conv, the dense kernel is stored units
+    first). Pooling, biases and activations are left out: together they are well under
+    1% of the work. A training step costs about three forward passes: the forward pass,
+    the gradient with respect to the inputs and the gradient with respect to the weights.
     """
-    import keras
+    import math
 
     rows = []
     for layer in model.layers:
-        if isinstance(layer, keras.layers.Conv2D):
-            kernel_h, kernel_w, channels_in, filters = layer.kernel.shape
-            _, height, width, _ = layer.output.shape
-            macs = height * width * filters * kernel_h * kernel_w * channels_in
-            shape = f"{height}x{width} outputs x {filters} filters x {kernel_h}x{kernel_w}x"
-            shape += f"{channels_in} weights"
-        elif isinstance(layer, keras.layers.Dense):
-            inputs, units = layer.kernel.shape
-            macs = inputs * units
-            shape = f"{inputs} inputs x {units} units"
-        else:
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None:
             continue
+        *positions, outputs = layer.output.shape[1:]
+        per_output = math.prod(kernel.shape) // outputs
+        if positions:
+            height, width = positions
+            kernel_h, kernel_w = kernel.shape[:2]
+            shape = f"{height}x{width} outputs x {outputs} filters x {kernel_h}x{kernel_w}x"
+            shape += f"{per_output // (kernel_h * kernel_w)} weights"
+        else:
+            shape = f"{per_output} inputs x {outputs} units"
+        macs = math.prod(positions) * math.prod(kernel.shape)
         rows.append({"layer": layer.name, "shape": shape, "macs": int(macs)})
     return rows
 

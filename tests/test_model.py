@@ -36,6 +36,54 @@ def test_tutorial_cnn_layer_shapes_and_parameter_count():
     assert model.get_layer("dropout").rate == 0.5
 
 
+def test_conv1_and_dense_compute_what_conv2d_and_dense_compute():
+    # conv1 is a depthwise conv and the dense kernel is stored (units, inputs), for
+    # speed: the same layers as the tutorial's Conv2D and Dense with the same weights.
+    model = build_model(ModelConfig())
+    rng = np.random.default_rng(0)
+    conv1, dense = model.get_layer("conv1"), model.get_layer("dense")
+    images = rng.uniform(0, 1, (4, 28, 28, 1)).astype(np.float32)
+    features = rng.uniform(0, 1, (4, 3136)).astype(np.float32)
+    conv2d = keras.layers.Conv2D(32, 5, padding="same", activation="relu")
+    conv2d.build(images.shape)
+    conv2d.set_weights([np.asarray(conv1.kernel), rng.normal(0, 0.1, 32)])
+    conv1.bias.assign(conv2d.bias)
+    plain = keras.layers.Dense(1024, activation="relu")
+    plain.build(features.shape)
+    plain.set_weights([np.asarray(dense.kernel).T, rng.normal(0, 0.1, 1024)])
+    dense.bias.assign(plain.bias)
+
+    np.testing.assert_allclose(conv1(images), conv2d(images), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dense(features), plain(features), rtol=1e-5, atol=1e-5)
+    assert np.asarray(dense(features)).std() > 0.1  # not all zeros after the ReLU
+
+
+@pytest.mark.parametrize(
+    ("initializer", "expected_std"),
+    # The dense layer has 3136 inputs and 1024 units, whatever its kernel's layout.
+    [("glorot_uniform", (2 / (3136 + 1024)) ** 0.5), ("he_normal", (2 / 3136) ** 0.5)],
+)
+def test_dense_initial_weights_scale_with_its_inputs(initializer, expected_std):
+    kernel = build_model(ModelConfig(kernel_initializer=initializer)).get_layer("dense").kernel
+
+    assert np.asarray(kernel).std() == pytest.approx(expected_std, rel=0.02)
+
+
+def test_training_flops_counted_from_every_kernel_layout():
+    from benchmarks.worker import training_flops
+
+    rows = training_flops(build_model(ModelConfig()))
+
+    assert [(row["layer"], row["macs"]) for row in rows] == [
+        ("conv1", 28 * 28 * 32 * 5 * 5),
+        ("conv2", 14 * 14 * 64 * 5 * 5 * 32),
+        ("dense", 3136 * 1024),
+        ("logits", 1024 * 10),
+    ]
+    assert rows[0]["shape"] == "28x28 outputs x 32 filters x 5x5x1 weights"
+    assert rows[2]["shape"] == "3136 inputs x 1024 units"
+
+
 def test_model_takes_raw_pixels_and_returns_one_logit_per_class():
     model = build_model(ModelConfig())
     images = np.random.default_rng(0).integers(0, 256, (4, 28, 28)).astype(np.float32)
