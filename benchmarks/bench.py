@@ -331,10 +331,10 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-def images_per_second(result: dict, mode: Mode) -> list[float]:
+def images_per_second(result: dict) -> list[float]:
     """Images per second of each window of a training worker."""
-    images = result["batch_size"] * mode.window_steps
-    return [images / seconds for seconds in result["window_seconds"]]
+    pairs = zip(result["window_steps"], result["window_seconds"], strict=True)
+    return [result["batch_size"] * steps / seconds for steps, seconds in pairs]
 
 
 def paired(first: list[float], second: list[float]) -> list[float]:
@@ -349,11 +349,11 @@ def flops_per_image(layers: list[dict]) -> float:
 
 def throughput_rows(report: Report) -> None:
     """Rows 1 to 5: matmul, baseline, pipeline, tracking overhead and efficiency."""
-    results, mode = report.results, report.mode
+    results = report.results
     matmul = results["matmul"]["gflops"]
-    baseline = images_per_second(results["baseline"], mode)
-    plain = images_per_second(results["pipeline"], mode)
-    tracked = images_per_second(results["tracking"], mode)
+    baseline = images_per_second(results["baseline"])
+    plain = images_per_second(results["pipeline"])
+    tracked = images_per_second(results["tracking"])
     per_image = flops_per_image(results["pipeline"]["flops"])
 
     speedup = median(paired(plain, baseline))
@@ -419,10 +419,9 @@ def tracking_fixed_share(result: dict, plain_images_per_second: float) -> float:
     return fixed / (steps * result["batch_size"] / plain_images_per_second)
 
 
-def tracking_note(result: dict, mode: Mode, plain_images_per_second: float) -> str:
+def tracking_note(result: dict, plain_images_per_second: float) -> str:
     """The tracking overhead again, from the time spent inside its callbacks."""
-    hooks = result["hook_seconds"]
-    steps = mode.warmup_steps + mode.rounds * (mode.window_steps + 1)
+    hooks, steps = result["hook_seconds"], result["steps_trained"]
     per_step = (hooks.get("on_train_batch_begin", 0) + hooks.get("on_train_batch_end", 0)) / steps
     plain_step = result["batch_size"] / plain_images_per_second
     fixed = tracking_fixed_share(result, plain_images_per_second)
@@ -606,7 +605,7 @@ def measure(mode: Mode, args: argparse.Namespace, folder: Path) -> Report:
     results = run_in_turns(make_workers(mode, data_dir, args.overrides, folder), mode.rounds)
     report = Report(mode, data_source, args.overrides, results)
     throughput_rows(report)
-    report.notes.append(tracking_note(results["tracking"], mode, median_plain(report)))
+    report.notes.append(tracking_note(results["tracking"], median_plain(report)))
 
     # Each of these runs alone; one failing leaves the others' figures in the report.
     if mode.time_to_accuracy:
@@ -655,7 +654,7 @@ def attempt(
 
 def median_plain(report: Report) -> float:
     """The pipeline's median images per second without tracking."""
-    return median(images_per_second(report.results["pipeline"], report.mode))
+    return median(images_per_second(report.results["pipeline"]))
 
 
 def main(argv: list[str] | None = None) -> int:

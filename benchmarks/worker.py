@@ -61,8 +61,10 @@ class Turns:
 def turn_timer(turns: Turns, spec: dict) -> Any:
     """A Keras callback that trains one warm-up turn, then one timed window per turn.
 
-    A window is `window_steps` steps after one untimed step: the first step after a
-    pause runs on cold caches and sleeping threads.
+    A window is at least `window_steps` steps after one untimed call into TensorFlow
+    (one step, or `steps_per_execution`): the first call after a pause runs on cold
+    caches and sleeping threads. Steps are read off the optimizer, so a window ends at
+    the end of a call, and its length in steps is recorded with its seconds.
     """
     import keras
 
@@ -72,25 +74,25 @@ def turn_timer(turns: Turns, spec: dict) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.window_seconds: list[float] = []
+            self.window_steps: list[int] = []
             self.warmed_up = False
-            self.steps_in_turn = 0
-            self.started = 0.0
+            self.started: tuple[float, int] | None = None  # time and step of the start
 
         def on_train_begin(self, logs: dict | None = None) -> None:
             turns.end()  # set-up done
             turns.wait()
 
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            now = time.perf_counter()
-            self.steps_in_turn += 1
+            now, step = time.perf_counter(), int(self.model.optimizer.iterations)
             if not self.warmed_up:
-                if self.steps_in_turn == warmup:
+                if step >= warmup:
                     self.warmed_up = True
                     self._next_turn()
-            elif self.steps_in_turn == 1:
-                self.started = now
-            elif self.steps_in_turn == size + 1:
-                self.window_seconds.append(now - self.started)
+            elif self.started is None:
+                self.started = now, step
+            elif step - self.started[1] >= size:
+                self.window_seconds.append(now - self.started[0])
+                self.window_steps.append(step - self.started[1])
                 self._next_turn()
 
         def _next_turn(self) -> None:
@@ -98,9 +100,15 @@ def turn_timer(turns: Turns, spec: dict) -> Any:
             if len(self.window_seconds) == count:
                 self.model.stop_training = True
             turns.wait()  # after the last window: the turn that finishes the run
-            self.steps_in_turn = 0
+            self.started = None
 
     return TurnTimer()
+
+
+def steps_to_time(spec: dict, steps_per_call: int) -> int:
+    """Training steps that the warm-up and every window with its untimed call take."""
+    windows = spec["windows"] * (-(-spec["window_steps"] // steps_per_call) + 1)
+    return -(-spec["warmup"] // steps_per_call) * steps_per_call + windows * steps_per_call
 
 
 def timed(callback: Any) -> Any:
@@ -211,8 +219,7 @@ def baseline(spec: dict) -> dict:
         metrics=["accuracy"],
     )
     timer = turn_timer(Turns(spec), spec)
-    steps = spec["warmup"] + spec["windows"] * (spec["window_steps"] + 1)
-    epochs = -(-steps * spec["batch_size"] // len(images))
+    epochs = -(-steps_to_time(spec, 1) * spec["batch_size"] // len(images))
     model.fit(
         images,
         labels,
@@ -221,7 +228,11 @@ def baseline(spec: dict) -> dict:
         callbacks=[timer],
         verbose=0,
     )
-    return {"window_seconds": timer.window_seconds, "batch_size": spec["batch_size"]}
+    return {
+        "window_seconds": timer.window_seconds,
+        "window_steps": timer.window_steps,
+        "batch_size": spec["batch_size"],
+    }
 
 
 def load_config(overrides: list[str]) -> Any:
@@ -291,9 +302,14 @@ class PipelineRun:
         self.steps_per_epoch, self.total_steps, self.epochs = train.step_counts(
             cfg, len(self.train_images)
         )
+        self.execution_steps = train.execution_steps(cfg, self.steps_per_epoch, self.total_steps)
         self.model = build_model(cfg.model, cfg.data.image_size, cfg.data.num_classes)
-        self.schedule = compile_model(
-            self.model, cfg.optimizer, self.total_steps, self.steps_per_epoch
+        compile_model(
+            self.model,
+            cfg.optimizer,
+            self.total_steps,
+            self.steps_per_epoch,
+            self.execution_steps,
         )
 
     def callbacks(self, folder: Path, tracking: bool) -> tuple[list[Any], list[Any]]:
@@ -316,8 +332,7 @@ class PipelineRun:
             self.cfg, run_id, folder / "tensorboard", self.val_images, self.val_labels
         )
         kinds = (summaries.TensorBoardSummaries, summaries.MlflowMetrics)
-        others = [self.schedule]
-        others += [callback for callback in stage_callbacks if not isinstance(callback, kinds)]
+        others = [callback for callback in stage_callbacks if not isinstance(callback, kinds)]
         tracked = [callback for callback in stage_callbacks if isinstance(callback, kinds)]
         return others, tracked if tracking else []
 
@@ -325,7 +340,7 @@ class PipelineRun:
 def pipeline_throughput(spec: dict) -> dict:
     """The train stage's training, with or without its tracking callbacks, timed per step."""
     run = PipelineRun(spec)
-    steps = spec["warmup"] + spec["windows"] * (spec["window_steps"] + 1)
+    steps = steps_to_time(spec, run.execution_steps)
     timer = turn_timer(Turns(spec), spec)
     with tempfile.TemporaryDirectory(prefix="bench-tracking-") as folder:
         others, tracked = run.callbacks(Path(folder), spec["tracking"])
@@ -350,7 +365,10 @@ def pipeline_throughput(spec: dict) -> dict:
             mlflow.end_run()  # while its store still exists
     return {
         "window_seconds": timer.window_seconds,
+        "window_steps": timer.window_steps,
         "batch_size": run.cfg.train.batch_size,
+        "steps_per_execution": run.execution_steps,
+        "steps_trained": steps,
         "steps_per_epoch": run.steps_per_epoch,
         "total_steps": run.total_steps,
         "hook_seconds": dict(hook_seconds),
@@ -381,6 +399,7 @@ def time_to_accuracy(spec: dict) -> dict:
     import keras
 
     from pipeline import data
+    from pipeline.summaries import passed_multiple
 
     run = PipelineRun(spec)
     test_images, test_labels = data.load_split(Path(spec["data_dir"]), "test")
@@ -398,8 +417,8 @@ def time_to_accuracy(spec: dict) -> dict:
             self.started = time.perf_counter()
 
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            self.step += 1
-            if self.step % every:
+            before, self.step = self.step, int(self.model.optimizer.iterations)
+            if not passed_multiple(before, self.step, every):
                 return
             paused = time.perf_counter()
             value = accuracy()

@@ -176,6 +176,7 @@ class TrainConfig:
     batch_size: int = 100
     shuffle_buffer: int = 10000  # images; 0 disables shuffling
     max_steps: int = 0  # stop after this many optimizer steps; 0: train.epochs full passes
+    steps_per_execution: int = 10  # optimizer steps per call into TensorFlow
     log_every_n_steps: int = 50  # finer-grained train metrics to MLflow and TensorBoard
     val_every_n_steps: int = 0  # validation-batch summaries to TensorBoard; 0: per epoch
     histogram_every_n_epochs: int = 1  # weight, bias and activation histograms
@@ -183,6 +184,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", "must be >= 1", self.epochs)
         _require(self.max_steps >= 0, "train.max_steps", "must be >= 0", self.max_steps)
+        _require(
+            self.steps_per_execution >= 1,
+            "train.steps_per_execution",
+            "must be >= 1",
+            self.steps_per_execution,
+        )
         _require(
             self.val_every_n_steps >= 0,
             "train.val_every_n_steps",

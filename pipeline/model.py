@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import types
-from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -87,10 +86,63 @@ def build_model(cfg: ModelConfig, image_size: int = 28, num_classes: int = 10) -
     return keras.Model(inputs, logits, name=cfg.name)
 
 
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """A linear warm-up, then one or two cosines, computed in the training graph.
+
+    Rises linearly from 0 to `peak` over `warmup_steps`, then follows a cosine down to
+    `floor` at `restart_step`. If steps remain, it restarts at `restart_peak` and
+    follows a second cosine down to `floor` at `total_steps`. Called with a step
+    number, it returns that step's rate as a tensor: `float(schedule(step))`.
+    """
+
+    def __init__(
+        self,
+        peak: float,
+        floor: float,
+        warmup_steps: int,
+        restart_step: int,
+        restart_peak: float,
+        total_steps: int,
+    ):
+        self.peak, self.floor, self.restart_peak = peak, floor, restart_peak
+        self.warmup_steps, self.restart_step, self.total_steps = (
+            warmup_steps,
+            restart_step,
+            total_steps,
+        )
+
+    def __call__(self, step: object) -> object:
+        ops = keras.ops
+        # Past the end (train.max_steps stops mid-epoch) the rate stays at the floor.
+        step = ops.minimum(ops.cast(step, "float32"), float(self.total_steps))
+
+        def cosine(peak: float, start: int, end: int) -> object:
+            done = (step - start) / max(1, end - start)
+            return self.floor + (peak - self.floor) * 0.5 * (1 + ops.cos(math.pi * done))
+
+        warmup = self.peak * step / max(1, self.warmup_steps)
+        first = cosine(self.peak, self.warmup_steps, self.restart_step)
+        second = cosine(self.restart_peak, self.restart_step, self.total_steps)
+        if self.restart_step == self.total_steps:
+            second = first
+        rate = ops.where(step < self.restart_step, first, second)
+        return ops.where(step < self.warmup_steps, warmup, rate)
+
+    def get_config(self) -> dict:
+        return {
+            "peak": self.peak,
+            "floor": self.floor,
+            "warmup_steps": self.warmup_steps,
+            "restart_step": self.restart_step,
+            "restart_peak": self.restart_peak,
+            "total_steps": self.total_steps,
+        }
+
+
 def learning_rate(
     cfg: OptimizerConfig, total_steps: int, steps_per_epoch: int
-) -> Callable[[int], float]:
-    """The rate at each optimizer step: constant, or a warm-up then one or two cosines.
+) -> float | WarmupCosine:
+    """The optimizer's rate: `lr` itself, or a warm-up then one or two cosines.
 
     warmup_cosine rises linearly from 0 to `lr` over `warmup_steps`, then follows a
     cosine down to `lr * final_lr_fraction` at the end of `restart_epochs` epochs. If
@@ -99,45 +151,17 @@ def learning_rate(
     to its first good accuracy within one epoch; the second, lower one refines it.
     """
     if cfg.schedule == "constant":
-        return lambda step: cfg.lr
+        return cfg.lr
     warmup = min(cfg.warmup_steps, total_steps)
     restart = round(cfg.restart_epochs * steps_per_epoch) or total_steps
-    restart = min(max(restart, warmup), total_steps)
-    floor = cfg.lr * cfg.final_lr_fraction
-
-    def cosine(peak: float, done: int, length: int) -> float:
-        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * done / length))
-
-    def rate(step: int) -> float:
-        step = min(step, total_steps)  # past the end (train.max_steps stops mid-epoch)
-        if step < warmup:
-            return cfg.lr * step / warmup
-        if step < restart or restart == total_steps:
-            return cosine(cfg.lr, step - warmup, max(1, restart - warmup))
-        return cosine(cfg.lr * cfg.restart_lr_fraction, step - restart, total_steps - restart)
-
-    return rate
-
-
-class ScheduledRate(keras.callbacks.Callback):
-    """Set the optimizer's learning rate before every training step.
-
-    A callback rather than a Keras LearningRateSchedule: a schedule object is saved
-    with the model and a custom one would make the file unloadable without this
-    package (by `mlflow models serve`, for one). The saved model keeps a plain rate.
-    """
-
-    def __init__(self, rate: Callable[[int], float]):
-        super().__init__()
-        self.rate = rate
-        self.step = 0
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        self.step = int(self.model.optimizer.iterations)
-
-    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        self.model.optimizer.learning_rate = self.rate(self.step)
-        self.step += 1
+    return WarmupCosine(
+        peak=cfg.lr,
+        floor=cfg.lr * cfg.final_lr_fraction,
+        warmup_steps=warmup,
+        restart_step=min(max(restart, warmup), total_steps),
+        restart_peak=cfg.lr * cfg.restart_lr_fraction,
+        total_steps=total_steps,
+    )
 
 
 def _fused_adam_step(
@@ -166,7 +190,7 @@ def _fused_adam_step(
     )
 
 
-def adam(rate: float) -> keras.optimizers.Adam:
+def adam(rate: float | WarmupCosine) -> keras.optimizers.Adam:
     """Keras's Adam, its update run by TensorFlow's fused kernel."""
     optimizer = keras.optimizers.Adam(rate)
     # Keras updates a variable in six element-wise passes over memory; the fused kernel
@@ -178,20 +202,43 @@ def adam(rate: float) -> keras.optimizers.Adam:
     return optimizer
 
 
-def compile_model(
-    model: keras.Model, cfg: OptimizerConfig, total_steps: int, steps_per_epoch: int
-) -> ScheduledRate:
-    """Attach Adam, the softmax cross-entropy on logits, and accuracy.
-
-    Returns the callback that applies the learning-rate schedule: pass it to `fit`.
-    """
-    rate = learning_rate(cfg, total_steps, steps_per_epoch)
+def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer, **options) -> None:
     model.compile(
-        optimizer=adam(rate(0)),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        **options,
     )
-    return ScheduledRate(rate)
+
+
+def compile_model(
+    model: keras.Model,
+    cfg: OptimizerConfig,
+    total_steps: int,
+    steps_per_epoch: int,
+    steps_per_execution: int = 1,
+) -> None:
+    """Attach Adam with its learning-rate schedule, the softmax cross-entropy on logits,
+    and accuracy. `steps_per_execution` optimizer steps run per call into TensorFlow."""
+    rate = learning_rate(cfg, total_steps, steps_per_epoch)
+    _compile(model, adam(rate), steps_per_execution=steps_per_execution)
+
+
+def detach_schedule(model: keras.Model) -> None:
+    """Recompile a trained model with plain Adam at its last rate, before saving it.
+
+    The schedule object would be saved with the optimizer, and a file that names a
+    class of this package does not load without it (`mlflow models serve`, for one).
+    The new optimizer takes over the step count and Adam's moments.
+    """
+    trained = model.optimizer
+    plain = keras.optimizers.Adam(float(trained.learning_rate), name=trained.name)
+    plain.build(model.trainable_variables)
+    state = {variable.name: variable for variable in trained.variables}
+    for variable in plain.variables:
+        if variable.name in state:
+            variable.assign(state[variable.name])
+    _compile(model, plain)
 
 
 def load_model(models_dir: Path) -> keras.Model:

@@ -21,6 +21,17 @@ from pipeline import tracking
 HISTOGRAM_BINS = 30  # TensorBoard's own default
 
 
+def passed_multiple(before: int, now: int, n: int) -> bool:
+    """Whether the steps from `before` to `now` reached a multiple of n.
+
+    Keras calls the batch callbacks once per `steps_per_execution` steps. The train
+    stage picks a number of steps per call that divides n (train.execution_steps), so
+    each multiple of n ends a call; in general the record is written at the end of the
+    call that reached it.
+    """
+    return now // n > before // n
+
+
 class TensorBoardSummaries(keras.callbacks.Callback):
     """Everything the tutorial sent to TensorBoard, in one `train` and one `validation` run.
 
@@ -63,6 +74,7 @@ class TensorBoardSummaries(keras.callbacks.Callback):
         self.val_batch_size, self.val_every_n_steps = batch_size, every_n_steps
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        self.step = int(self.model.optimizer.iterations)
         self.layers = [layer for layer in self.model.layers if layer.weights]
         self.probe = keras.Model(self.model.input, [layer.output for layer in self.layers])
         with self.train_writer.as_default():
@@ -72,14 +84,14 @@ class TensorBoardSummaries(keras.callbacks.Callback):
         self._write_histograms(step=0)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.step += 1
-        if logs and self.step % self.every_n_steps == 0:
+        before, self.step = self.step, int(self.model.optimizer.iterations)
+        if logs and passed_multiple(before, self.step, self.every_n_steps):
             with self.train_writer.as_default():
                 tf.summary.scalar("batch_loss", float(logs["loss"]), step=self.step)
                 tf.summary.scalar("batch_accuracy", float(logs["accuracy"]), step=self.step)
-                rate = float(self.model.optimizer.learning_rate)  # of the step just taken
+                rate = float(self.model.optimizer.learning_rate)  # of the next step
                 tf.summary.scalar("batch_learning_rate", rate, step=self.step)
-        if self.val_every_n_steps and self.step % self.val_every_n_steps == 0:
+        if self.val_every_n_steps and passed_multiple(before, self.step, self.val_every_n_steps):
             self._write_validation_batch()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -167,12 +179,15 @@ class MlflowMetrics(keras.callbacks.Callback):
         self.step = 0
         self.pending: list[tuple[str, float, int]] = []
 
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.step = int(self.model.optimizer.iterations)
+
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.step += 1
-        if logs and self.step % self.every_n_steps == 0:
+        before, self.step = self.step, int(self.model.optimizer.iterations)
+        if logs and passed_multiple(before, self.step, self.every_n_steps):
             self.pending.append(("train/batch_loss", float(logs["loss"]), self.step))
             self.pending.append(("train/batch_accuracy", float(logs["accuracy"]), self.step))
-            rate = float(self.model.optimizer.learning_rate)  # of the step just taken
+            rate = float(self.model.optimizer.learning_rate)  # of the next step
             self.pending.append(("train/batch_learning_rate", rate, self.step))
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -197,11 +212,9 @@ class StopAfterSteps(keras.callbacks.Callback):
     def __init__(self, max_steps: int):
         super().__init__()
         self.max_steps = max_steps
-        self.step = 0
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.step += 1
-        if self.step >= self.max_steps:
+        if int(self.model.optimizer.iterations) >= self.max_steps:
             # Keras finishes the epoch's bookkeeping (validation, callbacks), then stops.
             self.model.stop_training = True
 

@@ -27,7 +27,7 @@ import tensorflow as tf
 from pipeline import cli, config, data, files, plots, summaries, sweep, tracking
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
-from pipeline.model import MODEL_FILE, build_model, compile_model
+from pipeline.model import MODEL_FILE, build_model, compile_model, detach_schedule
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,24 @@ def step_counts(cfg: PipelineConfig, train_count: int) -> tuple[int, int, int]:
     steps_per_epoch = math.ceil(train_count / cfg.train.batch_size)
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     return steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch)
+
+
+def execution_steps(cfg: PipelineConfig, steps_per_epoch: int, total_steps: int) -> int:
+    """`train.steps_per_execution`, lowered if need be to divide every step count that
+    callbacks act on: the epoch, `train.max_steps` part-way through the last epoch,
+    and the logging intervals.
+
+    Keras runs an epoch in calls of that many steps (the last one shorter) and calls
+    the batch callbacks between calls only, so a call that spanned one of these
+    counts would log a step late or stop training a few steps past `train.max_steps`.
+    """
+    counts = (
+        steps_per_epoch,
+        total_steps % steps_per_epoch,
+        cfg.train.log_every_n_steps,
+        cfg.train.val_every_n_steps,
+    )
+    return math.gcd(cfg.train.steps_per_execution, *counts)
 
 
 def callbacks(
@@ -178,8 +196,17 @@ def run(cfg: PipelineConfig) -> float:
         total_steps,
     )
 
+    execution = execution_steps(cfg, steps_per_epoch, total_steps)
+    if execution != cfg.train.steps_per_execution:
+        log.info(
+            "train.steps_per_execution: %d steps per call instead of %d, to divide the "
+            "steps per epoch, train.max_steps, train.log_every_n_steps and "
+            "train.val_every_n_steps",
+            execution,
+            cfg.train.steps_per_execution,
+        )
     model = build_model(cfg.model, cfg.data.image_size, cfg.data.num_classes)
-    schedule = compile_model(model, cfg.optimizer, total_steps, steps_per_epoch)
+    compile_model(model, cfg.optimizer, total_steps, steps_per_epoch, execution)
     log.info("model: %s, %d parameters", cfg.model.name, model.count_params())
 
     experiment_id = tracking.connect(cfg)
@@ -200,7 +227,7 @@ def run(cfg: PipelineConfig) -> float:
             train_set,
             validation_data=val_set,
             epochs=epochs,
-            callbacks=[schedule, nan_guard, *others],
+            callbacks=[nan_guard, *others],
             shuffle=False,
             verbose=2,
         )
@@ -223,6 +250,7 @@ def run(cfg: PipelineConfig) -> float:
         )
 
         models_dir = cfg.path(cfg.paths.models_dir)
+        detach_schedule(model)
         with files.staged_file(models_dir / MODEL_FILE) as temporary:
             model.save(temporary)
         tracking.save_run_id(models_dir, run)

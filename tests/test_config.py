@@ -288,7 +288,7 @@ def test_flatten_gives_one_dotted_key_per_leaf() -> None:
         "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"
     )
     # One per leaf of params.yaml: 3 mirrors, 2 filter counts, 4 x 2 file fields, ...
-    assert len(flat) == 58
+    assert len(flat) == 59
 
 
 def test_an_output_folder_holding_folders_is_never_replaced(tmp_path: Path) -> None:

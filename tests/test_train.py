@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import keras
 import mlflow
 import pytest
 from conftest import make_config
 
-from pipeline import download, evaluate, preprocess, tracking, train
+from pipeline import config, download, evaluate, preprocess, tracking, train
 from pipeline.model import MODEL_FILE
 
 
@@ -51,3 +52,33 @@ def test_diverging_run_fails_and_keeps_the_earlier_model(prepared):
     )[0]
     assert latest.info.status == "FAILED"
     assert latest.info.run_id != earlier_run_id
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], 10),  # 550 steps per epoch, logging every 50
+        (["experiment=tutorial"], 1),  # stops after 1001 of the 1100 steps of an epoch
+        (["train.max_steps=1020"], 10),  # 470 steps into the second epoch
+        (["train.log_every_n_steps=25"], 5),
+        (["train.val_every_n_steps=4"], 2),
+        (["train.batch_size=200"], 5),  # 275 steps per epoch
+    ],
+)
+def test_steps_per_call_divide_every_count_that_callbacks_act_on(overrides, expected):
+    cfg = config.validate(config.compose(overrides))
+    steps_per_epoch, total_steps, _ = train.step_counts(cfg, 55_000)
+
+    assert train.execution_steps(cfg, steps_per_epoch, total_steps) == expected
+
+
+def test_training_stops_exactly_at_max_steps(prepared):
+    # 12 steps per epoch on the slice: 18 steps end half-way through the second epoch,
+    # in calls of 2 steps.
+    cfg = make_config(prepared, "train.max_steps=18")
+    assert train.execution_steps(cfg, 12, 18) == 2
+
+    train.run(cfg)
+
+    model = keras.saving.load_model(cfg.path(cfg.paths.models_dir) / MODEL_FILE)
+    assert int(model.optimizer.iterations) == 18
