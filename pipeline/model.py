@@ -105,15 +105,13 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         total_steps: int,
     ):
         self.peak, self.floor, self.restart_peak = peak, floor, restart_peak
-        self.warmup_steps, self.restart_step, self.total_steps = (
-            warmup_steps,
-            restart_step,
-            total_steps,
-        )
+        self.warmup_steps = warmup_steps
+        self.restart_step = restart_step
+        self.total_steps = total_steps
 
     def __call__(self, step: object) -> object:
         ops = keras.ops
-        # Past the end (train.max_steps stops mid-epoch) the rate stays at the floor.
+        # From the last step on (the rate Keras reports once training ends): the floor.
         step = ops.minimum(ops.cast(step, "float32"), float(self.total_steps))
 
         def cosine(peak: float, start: int, end: int) -> object:
@@ -126,7 +124,8 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         if self.restart_step == self.total_steps:
             second = first
         rate = ops.where(step < self.restart_step, first, second)
-        return ops.where(step < self.warmup_steps, warmup, rate)
+        rate = ops.where(step < self.warmup_steps, warmup, rate)
+        return ops.where(step >= self.total_steps, self.floor, rate)
 
     def get_config(self) -> dict:
         return {
@@ -225,7 +224,7 @@ def compile_model(
 
 
 def detach_schedule(model: keras.Model) -> None:
-    """Recompile a trained model with plain Adam at its last rate, before saving it.
+    """Recompile a trained model with plain Adam at the rate its schedule ended on.
 
     The schedule object would be saved with the optimizer, and a file that names a
     class of this package does not load without it (`mlflow models serve`, for one).

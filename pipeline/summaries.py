@@ -102,7 +102,7 @@ class TensorBoardSummaries(keras.callbacks.Callback):
                     if prefix + name in logs:
                         tf.summary.scalar(f"epoch_{name}", logs[prefix + name], step=epoch)
         with self.train_writer.as_default():
-            rate = self.model.optimizer.learning_rate
+            rate = self.model.optimizer.learning_rate  # of the next step, as Keras logs it
             tf.summary.scalar("epoch_learning_rate", float(rate), step=epoch)
         if (epoch + 1) % self.histogram_every_n_epochs == 0:
             self._write_histograms(step=epoch + 1)
@@ -200,7 +200,7 @@ class MlflowMetrics(keras.callbacks.Callback):
         ):
             if key in logs:
                 self.pending.append((name, float(logs[key]), epoch + 1))
-        rate = float(self.model.optimizer.learning_rate)
+        rate = float(self.model.optimizer.learning_rate)  # of the next step
         self.pending.append(("train/learning_rate", rate, epoch + 1))
         tracking.log_metric_points(self.run_id, self.pending)
         self.pending = []

@@ -234,7 +234,7 @@ def run(cfg: PipelineConfig) -> float:
         seconds = time.perf_counter() - started
         if nan_guard.diverged_at is not None:
             raise TrainingDiverged(
-                f"training loss became NaN or infinite at step {nan_guard.diverged_at + 1} "
+                f"training loss became NaN or infinite by step {nan_guard.diverged_at + 1} "
                 f"of epoch {len(history.epoch)}; lower optimizer.lr "
                 f"(now {cfg.optimizer.lr}) or check the data"
             )

@@ -197,7 +197,7 @@ def test_steps_per_execution_does_not_change_the_trained_weights():
         np.testing.assert_array_equal(plain, batched)
 
 
-def test_a_saved_model_names_plain_adam_at_its_last_rate(tmp_path):
+def test_a_saved_model_names_plain_adam_at_the_rate_its_schedule_reached(tmp_path):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     cfg = OptimizerConfig(lr=0.003, warmup_steps=2, restart_epochs=0)
     compile_model(model, cfg, total_steps=10, steps_per_epoch=10)
@@ -220,3 +220,10 @@ def test_a_saved_model_names_plain_adam_at_its_last_rate(tmp_path):
     assert int(loaded.optimizer.iterations) == 5
     moments = [np.abs(np.asarray(v)).sum() for v in loaded.optimizer.variables[2:]]
     assert len(moments) == 4 and min(moments) > 0
+
+
+def test_a_run_shorter_than_the_warmup_ends_at_the_floor():
+    rate = learning_rate(OptimizerConfig(lr=0.003, warmup_steps=100), 50, 50)
+
+    assert float(rate(49)) == pytest.approx(0.003 * 49 / 50)  # the warm-up is cut to the run
+    assert float(rate(50)) == 0.0

@@ -58,7 +58,7 @@ def test_diverging_run_fails_and_keeps_the_earlier_model(prepared):
     ("overrides", "expected"),
     [
         ([], 10),  # 550 steps per epoch, logging every 50
-        (["experiment=tutorial"], 1),  # stops after 1001 of the 1100 steps of an epoch
+        (["experiment=tutorial"], 1),  # stops 451 steps into its second epoch (1001)
         (["train.max_steps=1020"], 10),  # 470 steps into the second epoch
         (["train.log_every_n_steps=25"], 5),
         (["train.val_every_n_steps=4"], 2),
