@@ -217,6 +217,8 @@ def run(cfg: PipelineConfig) -> float:
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         run_id = run.info.run_id
         mlflow.log_params(config.flatten(cfg))
+        # What Keras ran, when train.steps_per_execution had to be lowered.
+        mlflow.set_tag("keras.steps_per_execution", str(execution))
         mlflow.log_text(config.to_yaml(cfg), "config.yaml")
         log_dir = tracking.local_path(cfg.tracking.tensorboard_dir) / f"{stamp}-{run_id[:8]}"
         log.info("tracking: MLflow run %s, TensorBoard %s", run_id, log_dir)

@@ -82,3 +82,6 @@ def test_training_stops_exactly_at_max_steps(prepared):
 
     model = keras.saving.load_model(cfg.path(cfg.paths.models_dir) / MODEL_FILE)
     assert int(model.optimizer.iterations) == 18
+    run = mlflow.get_run(tracking.load_run_id(cfg.path(cfg.paths.models_dir)))
+    assert run.data.params["train.steps_per_execution"] == "10"
+    assert run.data.tags["keras.steps_per_execution"] == "2"
