@@ -111,8 +111,7 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
     def __call__(self, step: object) -> object:
         ops = keras.ops
-        # From the last step on (the rate Keras reports once training ends): the floor.
-        step = ops.minimum(ops.cast(step, "float32"), float(self.total_steps))
+        step = ops.cast(step, "float32")
 
         def cosine(peak: float, start: int, end: int) -> object:
             done = (step - start) / max(1, end - start)
@@ -121,10 +120,9 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         warmup = self.peak * step / max(1, self.warmup_steps)
         first = cosine(self.peak, self.warmup_steps, self.restart_step)
         second = cosine(self.restart_peak, self.restart_step, self.total_steps)
-        if self.restart_step == self.total_steps:
-            second = first
         rate = ops.where(step < self.restart_step, first, second)
         rate = ops.where(step < self.warmup_steps, warmup, rate)
+        # From the last step on (the rate Keras reports once training ends): the floor.
         return ops.where(step >= self.total_steps, self.floor, rate)
 
     def get_config(self) -> dict:
